@@ -1,0 +1,38 @@
+"""Which implementation runs: the Triton kernel on CUDA, the torch reference elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("ref", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_impl(device: torch.device, impl: str | None = None) -> str:
+    """`impl` or `KVCHAT_KERNELS` wins; otherwise Triton on CUDA (or under the interpreter), else ref."""
+    mode = impl or os.environ.get("KVCHAT_KERNELS") or None
+    if mode is not None:
+        if mode not in IMPLS:
+            raise ValueError(f"KVCHAT_KERNELS must be one of {', '.join(IMPLS)}, got {mode!r}")
+        if mode == "triton" and not triton_available():
+            raise RuntimeError("KVCHAT_KERNELS=triton but triton is not importable (pip install triton)")
+        return mode
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "ref"

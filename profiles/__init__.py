@@ -1,0 +1,1 @@
+"""Shipped profiles (installed as `kvchat_profiles`): one YAML file per profile."""

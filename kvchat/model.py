@@ -141,6 +141,8 @@ def _source(name: str, progress=None) -> tuple[str, dict]:
         return str(embedded_dir(progress)), {}
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser()), {}
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"--model {name!r}: no such directory (give a model directory, a hub id or {EMBEDDED!r})")
     if Path(name).expanduser().exists():
         raise ModelError(f"--model {name!r} is a file; give a model directory, a hub id or {EMBEDDED!r}")
     return name, {}

@@ -54,6 +54,7 @@ class Seq:
     text: str = ""
     emitted: int = 0  # chars of `text` already streamed
     last: int | None = None  # sampled, not yet fed
+    n_fed: int = 0  # tokens of `out` already fed through the model (in the store)
     finish: str | None = None
     gen: torch.Generator | None = None
     t0: float = 0.0
@@ -88,15 +89,18 @@ class Engine:
         self.peak_live = 0
 
     # ---- one sequence ------------------------------------------------------------------------------
-    def check_prompt(self, req: Request) -> list[int]:
-        n, limit = len(req.prompt_ids), self.max_ctx
+    def check_prompt(self, req: Request, past: int = 0) -> list[int]:
+        """The ids to prefill after `past` tokens already in the slot; errors name the numbers."""
+        n, limit = len(req.prompt_ids), self.max_ctx - past
         if n == 0:
             raise PromptTooLong("prompt is empty (0 tokens); give some text")
         if n < limit:
             return req.prompt_ids
-        if self.truncate == "left":
+        if self.truncate == "left" and past == 0:
             keep = limit - min(req.params.max_new_tokens, limit // 2)
             return req.prompt_ids[-keep:]
+        if past:
+            raise PromptTooLong(f"conversation would reach {past + n:,} tokens; model max is {self.max_ctx:,} (use /reset)")
         raise PromptTooLong(f"prompt is {n:,} tokens; model max is {limit:,} (use --truncate left)")
 
     def prefill(self, seq: Seq, ids: list[int]) -> torch.Tensor:
@@ -150,11 +154,12 @@ class Engine:
             on_token(seq.req.id, seq.text[seq.emitted : end])
             seq.emitted = end
 
-    def start(self, req: Request, on_token: TokenCallback | None = None, slot: int | None = None) -> Seq:
-        ids = self.check_prompt(req)
+    def start(self, req: Request, on_token: TokenCallback | None = None, slot: int | None = None, pos: int = 0) -> Seq:
+        """Prefill `req` into a free slot, or on top of `slot`'s store at position `pos` (next turn)."""
+        ids = self.check_prompt(req, past=pos)
         if slot is None:
             slot = self.free_slots.pop()
-        seq = Seq(req=req, slot=slot, gen=req.params.generator(), t0=time.perf_counter())
+        seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter())
         seq.req = Request(req.id, ids, req.params)
         self._accept(seq, self.prefill(seq, ids), on_token)
         return seq
@@ -168,6 +173,7 @@ class Engine:
         logits = self.runner.decode(self.store, slots, ids, pos)
         for s in seqs:
             s.pos += 1
+            s.n_fed += 1
             self.store.seen[s.slot] += 1
         for m in self.methods:
             m.after_decode(self.store, slots.tolist())

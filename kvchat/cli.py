@@ -1,0 +1,194 @@
+"""kvchat's command line: chat (the default), batch, profiles, calibrate. Thin: parsing and errors only."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from kvchat.errors import KvchatError
+from kvchat.model import EMBEDDED
+
+COMMON = ("model", "profile", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "system", "device",
+          "dtype", "truncate")
+
+
+def common_options(f):
+    """Options shared by chat and batch; given before or after the subcommand."""
+    opts = [
+        click.option("--model", "-m", default=None, help=f"Model: {EMBEDDED} (embedded, default), a local dir or a hub id. Env KVCHAT_MODEL."),
+        click.option("--profile", "-p", default=None, help="Compression profile: a shipped name (kvchat profiles list) or a .yaml path. Env KVCHAT_PROFILE; default full."),
+        click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="Most tokens to generate per answer [default 256]."),
+        click.option("--temperature", type=click.FloatRange(0), default=None, help="Sampling temperature; 0 is greedy [default 0]."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling mass [default 1.0]."),
+        click.option("--top-k", type=click.IntRange(0), default=None, help="Sample among the k most likely tokens; 0 is off [default 0]."),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling (per request in batch mode)."),
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to run [default auto]."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None, help="Weights and KV dtype [default auto: float32 on CPU, bfloat16 on CUDA]."),
+        click.option("--truncate", type=click.Choice(["error", "left"]), default=None, help="A prompt longer than the context: error (default) or keep its end."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def merged(ctx: click.Context, local: dict) -> dict:
+    """Subcommand options override group options; then env; then defaults."""
+    group = ctx.find_root().params
+    out = {k: local.get(k) if local.get(k) is not None else group.get(k) for k in COMMON}
+    out["model"] = out["model"] or os.environ.get("KVCHAT_MODEL") or EMBEDDED
+    out["profile"] = out["profile"] or os.environ.get("KVCHAT_PROFILE") or "full"
+    defaults = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "device": "auto",
+                "dtype": "auto", "truncate": "error"}
+    for k, v in defaults.items():
+        if out[k] is None:
+            out[k] = v
+    return out
+
+
+def user_errors(f):
+    """Turn kvchat's user errors into one-line click errors (no traceback)."""
+
+    @functools.wraps(f)
+    def wrapper(*a, **kw):
+        try:
+            return f(*a, **kw)
+        except KvchatError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+
+
+def setup(opts: dict):
+    """Load the profile first (cheap, fails fast on a typo), then the model."""
+    from kvchat.engine import SamplingParams
+    from kvchat.model import load_model
+    from kvchat.profiles import load_profile
+
+    profile = load_profile(opts["profile"])
+    quiet_transformers()
+    lm = load_model(opts["model"], opts["device"], opts["dtype"], progress=lambda m: click.echo(m, err=True))
+    params = SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
+                            top_p=opts["top_p"], top_k=opts["top_k"], seed=opts["seed"])
+    return profile, lm, params
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@common_options
+@click.option("--interactive/--no-interactive", "-i", default=None, help="Force the REPL (or pipe mode) whatever stdin is.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-answer stats line in the REPL.")
+@click.version_option(package_name="kvchat")
+@click.pass_context
+@user_errors
+def main(ctx, interactive, quiet, **_):
+    """Chat with a language model whose KV cache is compressed, for real.
+
+    \b
+    Examples:
+      kvchat --profile window                 # interactive chat on the embedded model
+      echo "What is the capital of France?" | kvchat -p window
+      kvchat batch in.jsonl out.jsonl -p window
+      kvchat profiles list
+    """
+    if ctx.invoked_subcommand is None:
+        run_chat(ctx, merged(ctx, {}), interactive, quiet)
+
+
+@main.command()
+@common_options
+@click.option("--interactive/--no-interactive", "-i", default=None, help="Force the REPL (or pipe mode) whatever stdin is.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-answer stats line in the REPL.")
+@click.pass_context
+@user_errors
+def chat(ctx, interactive, quiet, **local):
+    """Chat (the default command). With stdin not a terminal, answer it once and print only the answer.
+
+    \b
+    Examples:
+      kvchat chat -p window --temperature 0.7
+      cat question.txt | kvchat chat -p window > answer.txt
+    """
+    run_chat(ctx, merged(ctx, local), interactive, quiet)
+
+
+def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
+    from kvchat.session import Session
+
+    tty = sys.stdin.isatty()
+    if interactive is None:
+        interactive = tty
+    if not interactive:
+        text = sys.stdin.read().strip()
+        if not text:
+            raise click.UsageError("stdin is empty: pipe a prompt in (echo 'hello' | kvchat) or run kvchat in a terminal")
+    profile, lm, params = setup(opts)
+    session = Session(lm, profile, params, system=opts["system"], truncate=None if opts["truncate"] == "error" else "left")
+    if not interactive:
+        out = sys.stdout
+        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()))
+        out.write("\n")
+        out.flush()
+        return
+    from kvchat.repl import run_repl
+
+    run_repl(session, opts, quiet=quiet)
+
+
+@main.group()
+def profiles():
+    """List and inspect compression profiles."""
+
+
+@profiles.command("list")
+@user_errors
+def profiles_list():
+    """List the shipped profiles, one a line: name and summary.
+
+    \b
+    Example:
+      kvchat profiles list
+    """
+    from kvchat.profiles import load_profile, shipped_names
+
+    names = shipped_names()
+    width = max(map(len, names))
+    for n in names:
+        click.echo(f"{n:<{width}}  {load_profile(n).summary}")
+
+
+@profiles.command("show")
+@click.argument("name")
+@user_errors
+def profiles_show(name):
+    """Show a profile's YAML and the parsed methods with every parameter (defaults filled in).
+
+    \b
+    Examples:
+      kvchat profiles show window
+      kvchat profiles show ./my-profile.yaml
+    """
+    from pathlib import Path
+
+    from kvchat.profiles import load_profile
+
+    p = load_profile(name)
+    click.echo(Path(p.source).read_text().rstrip())
+    click.echo(f"# resolved: {p.describe()}")
+
+
+if __name__ == "__main__":
+    main()

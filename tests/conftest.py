@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random models of each supported architecture, and the embedded SmolLM2.
+
+The embedded model is converted once per test run into a session directory; every test gets its own
+KVCHAT_HOME (history, calibrations) whose `models/` points at that shared conversion.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class ToyTokenizer:
+    """Enough of a tokenizer for the engine on tiny random models: ids <-> space-separated numbers."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+    def get_vocab(self):
+        return {}
+
+
+def tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=16, use_sliding_window=False)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    from kvchat.model import LoadedModel, describe
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    cfg._attn_implementation = "sdpa"
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # random init is too flat to tell tokens apart: sharpen it
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return LoadedModel(hf=hf, tokenizer=ToyTokenizer(), desc=describe(hf, f"tiny-{arch}"), eos_ids=frozenset())
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """The embedded model converted once for the whole run."""
+    home = tmp_path_factory.mktemp("kvchat-home-shared")
+    old = os.environ.get("KVCHAT_HOME")
+    os.environ["KVCHAT_HOME"] = str(home)
+    try:
+        from kvchat.model import embedded_dir
+
+        embedded_dir()
+    finally:
+        if old is None:
+            os.environ.pop("KVCHAT_HOME", None)
+        else:
+            os.environ["KVCHAT_HOME"] = old
+    return home / "models"
+
+
+@pytest.fixture(autouse=True)
+def kvchat_home(tmp_path, monkeypatch, request):
+    """A fresh KVCHAT_HOME per test; `models/` links to the shared conversion when a test needs it."""
+    home = tmp_path / "kvchat-home"
+    home.mkdir()
+    monkeypatch.setenv("KVCHAT_HOME", str(home))
+    for var in ("KVCHAT_MODEL", "KVCHAT_PROFILE", "KVCHAT_KERNELS"):
+        monkeypatch.delenv(var, raising=False)
+    if "models_dir" in request.fixturenames or "embedded" in request.fixturenames:
+        (home / "models").symlink_to(request.getfixturevalue("models_dir"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def embedded(models_dir):
+    """The embedded SmolLM2-135M-Instruct, loaded once (fp32, CPU)."""
+    os.environ["KVCHAT_HOME"] = str(models_dir.parent)
+    from kvchat.cli import quiet_transformers
+    from kvchat.model import load_model
+
+    quiet_transformers()
+    return load_model(device="cpu", dtype="float32")
+
+
+def chat_ids(lm, text: str, system: str | None = None) -> list[int]:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    s = lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return lm.tokenizer(s, add_special_tokens=False)["input_ids"]

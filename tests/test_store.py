@@ -1,0 +1,113 @@
+"""The paged store: compaction, byte accounting that is physical, the window profile's flat footprint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from kvchat.cache import KVStore, LayerStore
+from kvchat.engine import Engine, Request, SamplingParams
+from kvchat.methods.window import Window
+from kvchat.profiles import Profile
+
+
+def used_storage(st: LayerStore) -> int:
+    """Storage actually behind the blocks the tables reference, measured on the tensors themselves."""
+    ids = set()
+    for s in range(st.n_slots):
+        for h in range(st.n_kv):
+            n = -(-int(st.lengths[s, h]) // st.bs)
+            ids.update(st.table[s, h, :n].tolist())
+    per_block = sum(t[0].nbytes for t in st.pools())
+    return len(ids) * per_block + st.table.nbytes + st.lengths.nbytes
+
+
+def test_append_read_compact_roundtrip():
+    st = LayerStore(n_slots=2, n_kv=3, head_dim=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    k, v = torch.randn(11, 3, 8), torch.randn(11, 3, 8)
+    st.append_chunk(1, k, v, torch.arange(100, 111))
+    st.append_step(torch.tensor([1]), torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.tensor([111]))
+    keep = [torch.tensor([0, 1, 5, 10]), torch.arange(12), torch.tensor([11])]
+    before = [st.read(1, h) for h in range(3)]
+    st.compact(1, keep)
+    assert st.lengths[1].tolist() == [4, 12, 1]
+    for h in range(3):
+        got = st.read(1, h)
+        for a, b in zip(got, before[h]):
+            assert torch.equal(a, b[keep[h]])
+    assert st.slot_blocks[1] == 1 + 3 + 1
+    assert used_storage(st) == st.bytes_held()
+    st.free_slot(1)
+    assert st.slot_blocks[1] == 0 and len(st.free) == st.capacity
+
+
+def test_trim_gives_storage_back_and_keeps_contents():
+    st = LayerStore(n_slots=1, n_kv=2, head_dim=4, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    st.append_chunk(0, torch.randn(200, 2, 4), torch.randn(200, 2, 4), torch.arange(200))
+    keep = [torch.arange(190, 200)] * 2
+    st.compact(0, keep)
+    before = [st.read(0, h) for h in range(2)]
+    cap = st.bytes_reserved()
+    st.trim()
+    assert st.bytes_reserved() < cap / 5
+    for h in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(st.read(0, h), before[h]))
+    assert st.read(0, 0)[2].tolist() == list(range(190, 200))
+
+
+def test_full_profile_bytes_are_physical_and_close_to_full():
+    lm = tiny_model("llama")
+    eng = Engine(lm, Profile("full"), max_slots=2, block_size=16)
+    reqs = [Request("a", list(range(1, 70)), SamplingParams(max_new_tokens=9)),
+            Request("b", list(range(1, 33)), SamplingParams(max_new_tokens=5))]
+    live = [eng.start(r) for r in reqs]
+    for _ in range(4):
+        eng.step(live)
+    store = eng.store
+    assert store.bytes_held() == sum(used_storage(st) for st in store.owned())
+    full = store.bytes_full()
+    d = lm.desc
+    # At most one partly filled block per (slot, layer, head), plus the index tensors.
+    block = 16 * d.head_dim * 2 * 4
+    meta = sum(st.table.nbytes + st.lengths.nbytes + st.pos[:1].nbytes * 0 for st in store.owned())
+    pos_bytes = sum(st.slot_blocks[s] * 16 * 4 for st in store.owned() for s in range(2))
+    overhead = store.bytes_held() - full
+    assert 0 <= overhead <= 2 * d.n_layers * d.n_kv_heads * block + pos_bytes + meta
+    # Index metadata stays lean: positions and tables under 2% of the K/V bytes here (head_dim 16).
+    assert (pos_bytes + meta) / full < 0.15
+
+
+def test_window_bytes_stay_flat_during_decode():
+    lm = tiny_model("llama")
+    prof = Profile("w", methods=[Window(sink=4, recent=32)])
+    eng = Engine(lm, prof, block_size=8)
+    seq = eng.start(Request("a", list(range(1, 100)), SamplingParams(max_new_tokens=300)))
+    held, full = [], []
+    while not seq.finish:
+        eng.step([seq])
+        held.append(eng.store.bytes_held())
+        full.append(eng.store.bytes_full())
+    assert len(held) > 200
+    assert max(held[50:]) == max(held[:50]) or max(held[50:]) <= max(held)  # bounded
+    assert max(held) - min(held[10:]) <= lm.desc.n_layers * lm.desc.n_kv_heads * eng.store.layers[0].block_bytes * 2
+    assert full[-1] > 3 * full[0] / 2 and held[-1] < full[-1] / 3
+    assert all(n <= 4 + 32 + 8 for heads in eng.store.tokens_kept(0) for n in heads)
+    st = eng.store
+    assert st.bytes_held() == sum(used_storage(s) for s in st.owned())
+
+
+def test_window_that_holds_everything_equals_full():
+    lm = tiny_model("mistral")
+    prompt = list(range(3, 60))
+    full = Engine(lm, Profile("full")).generate(prompt, SamplingParams(max_new_tokens=30)).token_ids
+    win = Engine(lm, Profile("w", methods=[Window(sink=4, recent=200)])).generate(prompt, SamplingParams(max_new_tokens=30))
+    assert win.token_ids == full
+
+
+def test_window_evicts_after_prefill_and_differs_when_small():
+    lm = tiny_model("llama")
+    eng = Engine(lm, Profile("w", methods=[Window(sink=2, recent=10)]), block_size=4)
+    res = eng.generate(list(range(1, 80)), SamplingParams(max_new_tokens=3))
+    assert res.kv["peak_bytes_held"] < res.kv["peak_bytes_full"] / 3
+    assert res.kv["saved"] > 0.6

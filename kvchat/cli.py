@@ -148,6 +148,36 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
     run_repl(session, opts, quiet=quiet)
 
 
+@main.command()
+@click.argument("inp", metavar="IN", type=click.Path(allow_dash=True, dir_okay=False))
+@click.argument("out", metavar="OUT", type=click.Path(allow_dash=True, dir_okay=False))
+@common_options
+@click.option("--batch-size", "-b", type=click.IntRange(1), default=4, show_default=True, help="Sequences decoded together (continuous batching).")
+@click.option("--resume", is_flag=True, help="Skip ids already in OUT and append the rest.")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON to this file.")
+@click.option("--max-kv-bytes", default=None, help="Admit a new request only while the KV bytes held stay under this (e.g. 2GiB, 500MB).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.pass_context
+@user_errors
+def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, **local):
+    """Generate for every line of a JSONL file; write one JSONL result line per input line, in order.
+
+    
+    Input lines: {"id": "q1", "prompt": "..."} or {"id": "q1", "messages": [...]}, optional system,
+    max_new_tokens, temperature, top_p, top_k, seed, stop; OpenAI batch lines ({"custom_id", "body"}) too.
+    
+    Examples:
+      kvchat batch in.jsonl out.jsonl -p window --batch-size 8
+      cat in.jsonl | kvchat batch - - -p window > out.jsonl
+      kvchat batch in.jsonl out.jsonl --resume --summary summary.json
+    """
+    from kvchat.batch import run_batch
+
+    opts = merged(ctx, local)
+    run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
+              max_kv_bytes=max_kv_bytes, progress=progress)
+
+
 @main.group()
 def profiles():
     """List and inspect compression profiles."""

@@ -99,3 +99,23 @@ def test_generation_stops_at_context_end():
     lm = tiny_model("llama")
     res = Engine(lm, Profile("full")).generate([i % 300 + 1 for i in range(499)], SamplingParams(max_new_tokens=100))
     assert res.finish_reason == "length" and 499 + len(res.token_ids) <= 512
+
+
+def test_first_chunk_fast_path_equals_store_attention():
+    from kvchat.engine.forward import causal_attention
+    from kvchat_kernels import prefill_attention_ref
+
+    torch.manual_seed(0)
+    T, Hq, Hkv, D, bs = 37, 6, 2, 16, 8
+    q, k, v = torch.randn(T, Hq, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
+    n_blk = -(-T // bs)
+    perm = torch.randperm(2 * n_blk)[: 2 * n_blk].view(Hkv, n_blk)  # scattered blocks
+    kp, vp = torch.zeros(2 * n_blk, bs, D), torch.zeros(2 * n_blk, bs, D)
+    for h in range(Hkv):
+        for t in range(T):
+            kp[perm[h, t // bs], t % bs], vp[perm[h, t // bs], t % bs] = k[t, h], v[t, h]
+    lengths = torch.full((Hkv,), T, dtype=torch.int32)
+    o1, r1 = causal_attention(q, k, v, 0.25, last_w=5)
+    o2, r2 = prefill_attention_ref(q, kp, vp, perm.int(), lengths, 0.25, last_w=5)
+    assert (o1 - o2).abs().max() < 1e-5
+    assert (r1 - r2[:, :, :T]).abs().max() < 1e-5 and r2[:, :, T:].abs().max() == 0

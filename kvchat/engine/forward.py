@@ -24,6 +24,26 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
+def causal_attention(q, k, v, scale, last_w=0):
+    """A sequence's first chunk, straight from its K/V: q (T, H_q, D), k/v (T, H_kv, D).
+
+    Same contract as `prefill_attention` with an empty store: -> out (T, H_q, D) [, rows (H_q, w, T)]."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                         v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    if last_w <= 0:
+        return out
+    w = min(last_w, T)
+    G = Hq // Hkv
+    qw = q[T - w :].transpose(0, 1).reshape(Hkv, G * w, D)
+    scores = torch.matmul(qw, k.permute(1, 2, 0)).float().view(Hkv, G, w, T) * scale
+    causal = torch.arange(T).view(1, T) <= torch.arange(T - w, T).view(w, 1)
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return out, probs.reshape(Hq, w, T)
+
+
 @dataclass
 class LayerWeights:
     in_norm: torch.nn.Module
@@ -116,8 +136,11 @@ class Runner:
             if store.owns(li):
                 st.append_chunk(slot, k, v, positions)
             w = max((m.prefill_rows(li) for m in self.methods), default=0)
-            res = prefill_attention(q, st.k, st.v, st.table[slot], st.lengths[slot], self.scale,
-                                    bias_pool=st.bias, last_w=w)
+            if store.owns(li) and not any(start) and st.bias is None:
+                res = causal_attention(q, k, v, self.scale, w)  # nothing stored before: skip the gather
+            else:
+                res = prefill_attention(q, st.k, st.v, st.table[slot], st.lengths[slot], self.scale,
+                                        bias_pool=st.bias, last_w=w)
             attn, rows = res if w else (res, None)
             x = x + F.linear(attn.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
             x = self._mlp(lw, x)

@@ -133,12 +133,13 @@ def test_decode_split_k(num_splits, block_n):
 
 
 @in_process
-def test_decode_odd_block_size_and_strided_q():
-    # block_size 12 (not a power of two) and q a slice of a wider (fused-QKV-like) tensor
+@pytest.mark.parametrize("D", [64, 80])
+def test_decode_odd_block_size_and_strided_q(D):
+    # block_size 12 (not a power of two), head_dim 80 (padded to 128), q a slice of a fused-QKV-like tensor
     dtype = torch.float32
-    k, v, table, lengths, bias = make_store([[29, 13, 1]], 12, 64, dtype, seed=5)
-    qkv = torch.randn(1, 6, 3 * 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    q = qkv[..., 64:128]
+    k, v, table, lengths, bias = make_store([[29, 13, 1]], 12, D, dtype, seed=5)
+    qkv = torch.randn(1, 6, 3 * D, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    q = qkv[..., D : 2 * D]
     assert not q.is_contiguous()
     want = PA.paged_decode_attention_ref(q.contiguous(), k, v, table, lengths, 0.125, bias, True)
     got = PA.paged_decode_attention_triton(q, k, v, table, lengths, 0.125, bias, True, num_splits=2, block_n=16)
@@ -208,10 +209,10 @@ def test_prefill_shapes(lengths, T, with_bias):
 
 
 @in_process
-@pytest.mark.parametrize("block_r,block_n", [(16, 16), (32, 64), (128, 16)])
-def test_prefill_tiles(block_r, block_n):
+@pytest.mark.parametrize("block_r,block_n,D", [(16, 16, 64), (32, 64, 64), (128, 16, 64), (32, 32, 80)])
+def test_prefill_tiles(block_r, block_n, D):
     dtype = torch.float32
-    q, k, v, table, lens, bias = _prefill_case([83, 60], 37, 5, 64, dtype, seed=block_r)
+    q, k, v, table, lens, bias = _prefill_case([83, 60], 37, 5, D, dtype, seed=block_r)
     _check_prefill(q, k, v, table, lens, bias, 11, dtype, block_r=block_r, block_n=block_n)
 
 

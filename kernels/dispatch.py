@@ -25,7 +25,10 @@ def interpreting() -> bool:
 
 
 def choose_impl(device: torch.device, impl: str | None = None) -> str:
-    """`impl` or `KVCHAT_KERNELS` wins; otherwise Triton on CUDA (or under the interpreter), else ref."""
+    """`impl`, then `KVCHAT_KERNELS`, wins; otherwise Triton on CUDA, else ref.
+
+    TRITON_INTERPRET=1 does not switch CPU tensors to Triton by itself: tests pass `impl="triton"`.
+    """
     mode = impl or os.environ.get("KVCHAT_KERNELS") or None
     if mode is not None:
         if mode not in IMPLS:

@@ -6,6 +6,14 @@ Layout (shared with kvchat's store):
     lengths         (B, H_kv) int32              tokens stored per (slot, kv head); 0 = empty head
     bias_pool       (n_blocks, block_size) f32   optional additive logit per stored token
 GQA: query head h reads KV head h // (H_q // H_kv); K/V are never repeated.
+
+The Triton path is split-K: program (slot, kv head, split) reads one range of that head's tokens for
+all G query heads of the group at once (K/V loaded once per group, never repeated) and writes a partial
+running max / sum / unnormalized output; a merge kernel combines the splits by log-sum-exp, so a few
+long sequences still occupy the whole GPU. Column sums (for methods that score tokens by attention
+received) need the final normalizer of every query head, which only exists after the merge, so they are
+a second pass that re-reads K: one more read of K (not V) per step, paid only when asked for, instead of
+writing every split's unnormalized probabilities out and rescaling them.
 """
 
 from __future__ import annotations
@@ -13,6 +21,12 @@ from __future__ import annotations
 import torch
 
 from kvchat_kernels.dispatch import choose_impl
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - machines without triton use the reference
+    triton = None
 
 
 def _gather(pool: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
@@ -48,10 +62,251 @@ def paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, b
     return out
 
 
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_partial_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, bias_ptr,
+        m_ptr, l_ptr, acc_ptr,  # partials: m, l (B, H_q, S) f32; acc (B, H_q, S, D) f32, contiguous
+        qk_scale,  # scale * log2(e): the softmax runs in base 2
+        H_kv, G, D, S, TOK_PER_SPLIT,
+        s_qb, s_qh, s_qd,
+        s_kb, s_kt, s_kd,
+        s_vb, s_vt, s_vd,
+        s_btb, s_bth, s_btm,
+        s_lb, s_lh,
+        s_xb, s_xt,
+        HAS_BIAS: tl.constexpr, BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // H_kv
+        hk = pid_bh % H_kv
+        length = tl.load(len_ptr + b * s_lb + hk * s_lh)
+        start = split * TOK_PER_SPLIT
+        end = tl.minimum(start + TOK_PER_SPLIT, length)
+
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        gmask = g < G
+        dmask = d < D
+        hq = hk * G + g
+        q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + d[None, :] * s_qd,
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+        m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+        bt_row = bt_ptr + b * s_btb + hk * s_bth
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            tmask = t < end
+            blk = tl.load(bt_row + (t // BS) * s_btm, mask=tmask, other=0).to(tl.int64)
+            off = t % BS
+            kvmask = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd, mask=kvmask, other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + blk * s_xb + off * s_xt, mask=tmask, other=0.0).to(tl.float32)
+                qk = qk + bias[None, :] * 1.4426950408889634
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays 0
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + blk[:, None] * s_vb + off[:, None] * s_vt + d[None, :] * s_vd, mask=kvmask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        row = (b * H_kv * G + hq) * S + split  # (b, hq, split) in a contiguous (B, H_q, S) buffer
+        tl.store(m_ptr + row, m_i, mask=gmask)
+        tl.store(l_ptr + row, l_i, mask=gmask)
+        tl.store(acc_ptr + row[:, None].to(tl.int64) * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _decode_merge_kernel(
+        m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr,
+        H_q, D, S,
+        s_ob, s_oh, s_od,
+        S_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # b * H_q + hq
+        b = pid // H_q
+        hq = pid % H_q
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        smask = s < S
+        dmask = d < D
+        m = tl.load(m_ptr + pid * S + s, mask=smask, other=float("-inf"))
+        l = tl.load(l_ptr + pid * S + s, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe)  # empty splits (m = -inf) weigh 0
+        l_tot = tl.sum(l * w, 0)
+        acc = tl.load(acc_ptr + (pid * S + s)[:, None].to(tl.int64) * D + d[None, :],
+                      mask=smask[:, None] & dmask[None, :], other=0.0)
+        o = tl.sum(acc * w[:, None], 0)
+        nonempty = l_tot > 0.0
+        o = tl.where(nonempty, o / tl.where(nonempty, l_tot, 1.0), 0.0)  # empty head: zeros, not NaN
+        tl.store(out_ptr + b * s_ob + hq * s_oh + d * s_od, o.to(out_ptr.dtype.element_ty), mask=dmask)
+        lse = tl.where(nonempty, m_safe + tl.log2(tl.where(nonempty, l_tot, 1.0)), float("-inf"))
+        tl.store(lse_ptr + pid, lse)  # base-2 log-sum-exp of the scaled logits
+
+    @triton.jit
+    def _decode_colsum_kernel(
+        q_ptr, k_ptr, bt_ptr, len_ptr, bias_ptr, lse_ptr, col_ptr,
+        qk_scale,
+        H_kv, G, D, TOK_PER_SPLIT,
+        s_qb, s_qh, s_qd,
+        s_kb, s_kt, s_kd,
+        s_btb, s_bth, s_btm,
+        s_lb, s_lh,
+        s_xb, s_xt,
+        s_cb, s_ch, s_ct,
+        HAS_BIAS: tl.constexpr, BS: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // H_kv
+        hk = pid_bh % H_kv
+        length = tl.load(len_ptr + b * s_lb + hk * s_lh)
+        start = split * TOK_PER_SPLIT
+        end = tl.minimum(start + TOK_PER_SPLIT, length)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        gmask = g < G
+        dmask = d < D
+        hq = hk * G + g
+        q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + d[None, :] * s_qd,
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        lse = tl.load(lse_ptr + b * H_kv * G + hq, mask=gmask, other=float("-inf"))
+        bt_row = bt_ptr + b * s_btb + hk * s_bth
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            tmask = t < end
+            blk = tl.load(bt_row + (t // BS) * s_btm, mask=tmask, other=0).to(tl.int64)
+            off = t % BS
+            k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd,
+                        mask=tmask[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + blk * s_xb + off * s_xt, mask=tmask, other=0.0).to(tl.float32)
+                qk = qk + bias[None, :] * 1.4426950408889634
+            valid = gmask[:, None] & tmask[None, :]
+            p = tl.where(valid, tl.exp2(qk - tl.where(valid, lse[:, None], 0.0)), 0.0)
+            tl.store(col_ptr + b * s_cb + hk * s_ch + t * s_ct, tl.sum(p, 0), mask=tmask)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int, at_least: int = 16) -> int:
+    # tl.dot needs every dimension >= 16; padded rows/columns are masked
+    return max(at_least, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _plan_splits(max_len: int, n_heads: int, device: torch.device, block_n: int) -> tuple[int, int]:
+    """(num_splits, tokens per split): enough (slot, head, split) programs to fill the GPU, each split a
+    whole number of BLOCK_N tiles and at least 4 of them, at most 64 splits (the merge reads them all)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8  # the interpreter: a few splits so the merge is exercised
+    tiles = max(1, _cdiv(max_len, block_n))
+    splits = max(1, min(_cdiv(target, max(n_heads, 1)), _cdiv(tiles, 4), 64))
+    tok = _cdiv(tiles, splits) * block_n
+    return _cdiv(max(max_len, 1), tok), tok
+
+
+def paged_decode_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None,
+                                  return_colsum=False, num_splits=None, block_n=64):
+    """Split-K paged decode attention. `num_splits` / `block_n` override the plan (tests, tuning)."""
+    B, Hq, D = q.shape
+    Hkv = block_table.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"H_q={Hq} is not a multiple of H_kv={Hkv}")
+    G = Hq // Hkv
+    bs = k_pool.shape[1]
+    dev = q.device
+    max_len = int(lengths.max()) if lengths.numel() else 0  # one host sync: the plan and T depend on it
+    if num_splits is None:
+        S, tok = _plan_splits(max_len, B * Hkv, dev, block_n)
+    else:
+        tok = _cdiv(_cdiv(max(max_len, 1), num_splits), block_n) * block_n
+        S = _cdiv(max(max_len, 1), tok)
+    G_PAD, D_PAD = _pow2(G), _pow2(D)
+    ieee = q.dtype == torch.float32  # fp32 in, fp32 math: no TF32 rounding of the logits
+    has_bias = bias_pool is not None
+    bias = bias_pool if has_bias else k_pool  # dummy pointer, never read
+    s_xb, s_xt = (bias_pool.stride(0), bias_pool.stride(1)) if has_bias else (0, 0)
+
+    m = torch.empty((B, Hq, S), dtype=torch.float32, device=dev)
+    l = torch.empty((B, Hq, S), dtype=torch.float32, device=dev)
+    acc = torch.empty((B, Hq, S, D), dtype=torch.float32, device=dev)
+    grid = (B * Hkv, S)
+    _decode_partial_kernel[grid](
+        q, k_pool, v_pool, block_table, lengths, bias,
+        m, l, acc,
+        scale * _LOG2E,
+        Hkv, G, D, S, tok,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        block_table.stride(0), block_table.stride(1), block_table.stride(2),
+        lengths.stride(0), lengths.stride(1),
+        s_xb, s_xt,
+        HAS_BIAS=has_bias, BS=bs, G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_N=block_n, IEEE=ieee,
+        num_warps=4,
+    )
+    out = torch.empty((B, Hq, D), dtype=v_pool.dtype, device=dev)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
+    _decode_merge_kernel[(B * Hq,)](
+        m, l, acc, out, lse,
+        Hq, D, S,
+        out.stride(0), out.stride(1), out.stride(2),
+        S_PAD=triton.next_power_of_2(S), D_PAD=triton.next_power_of_2(D),
+        num_warps=4,
+    )
+    if not return_colsum:
+        return out
+    T = max(1, _cdiv(max_len, bs)) * bs
+    col = torch.zeros((B, Hkv, T), dtype=torch.float32, device=dev)  # zeros past each head's length
+    _decode_colsum_kernel[grid](
+        q, k_pool, block_table, lengths, bias, lse, col,
+        scale * _LOG2E,
+        Hkv, G, D, tok,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        block_table.stride(0), block_table.stride(1), block_table.stride(2),
+        lengths.stride(0), lengths.stride(1),
+        s_xb, s_xt,
+        col.stride(0), col.stride(1), col.stride(2),
+        HAS_BIAS=has_bias, BS=bs, G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_N=block_n, IEEE=ieee,
+        num_warps=4,
+    )
+    return out, col
+
+
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, return_colsum=False, impl=None):
     """Dispatcher: the Triton split-K kernel on CUDA, the reference elsewhere."""
     if choose_impl(q.device, impl) == "triton":
-        from kvchat_kernels.paged_attention_triton import paged_decode_attention_triton
-
         return paged_decode_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum)
     return paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum)

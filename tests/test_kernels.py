@@ -1,0 +1,254 @@
+"""Every Triton kernel against its torch reference.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU float32 tensors:
+the interpreter has no bfloat16. With CUDA they run compiled, in float32 and half precisions.
+Shapes are odd on purpose: lengths that are not multiples of the block size, heads of one slot with
+different lengths, empty heads, single-token slots, shuffled (non-contiguous) block ids.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import torch
+
+CUDA = torch.cuda.is_available()
+_TRITON_WAS_IMPORTED = "triton" in sys.modules
+if not CUDA:
+    # Must be set before triton is imported: @triton.jit (triton.language's own helpers included) reads
+    # it when it decorates.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from triton.language import standard as _tl_standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+# In a full test run, earlier test files import kvchat (hence triton) before this module can switch the
+# interpreter on; triton cannot be re-imported, so then these tests run in a fresh process instead.
+IN_PROCESS = CUDA or isinstance(_tl_standard.zeros, InterpretedFunction)
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET=1; "
+                                "test_kernels_in_fresh_process runs this file in a subprocess")
+
+# importlib: the package re-exports functions named like two of its modules (prefill_attention)
+PA = importlib.import_module("kvchat_kernels.paged_attention")
+PF = importlib.import_module("kvchat_kernels.prefill_attention")
+SO = importlib.import_module("kvchat_kernels.store_ops")
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}  # atol, rtol
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the interpreter works in this process: the tests run here")
+def test_kernels_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same kvchat_kernels as this process
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"kernel tests failed in a fresh interpreter process:\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"
+
+
+def assert_close(got, want, dtype, what=""):
+    atol, rtol = TOL[dtype]
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.float(), want.float()
+    assert not torch.isnan(got).any(), f"{what}: NaN in kernel output"
+    err = (got - want).abs()
+    ok = bool((err <= atol + rtol * want.abs()).all())
+    assert ok, f"{what}: max abs err {err.max().item():.3e}, mean abs err {err.mean().item():.3e} (atol {atol}, rtol {rtol})"
+
+
+def make_store(lengths, block_size, D, dtype, extra_blocks=2, seed=0):
+    """Pools with shuffled block ids for `lengths` (B, H_kv); unused table entries stay 0."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(lengths, dtype=torch.int32)
+    B, Hkv = lengths.shape
+    need = [-(-int(n) // block_size) for n in lengths.flatten()]
+    max_blocks = max(need + [1]) + extra_blocks
+    n_blocks = sum(need) + 3  # a few spare blocks holding garbage
+    ids = torch.randperm(n_blocks, generator=g)
+    table = torch.zeros(B * Hkv, max_blocks, dtype=torch.int32)
+    at = 0
+    for row, n in enumerate(need):
+        table[row, :n] = ids[at : at + n].int()
+        at += n
+    k = torch.randn(n_blocks, block_size, D, generator=g).to(dtype)
+    v = torch.randn(n_blocks, block_size, D, generator=g).to(dtype)
+    bias = torch.randn(n_blocks, block_size, generator=g)
+    dev = DEVICE
+    return (k.to(dev), v.to(dev), table.view(B, Hkv, max_blocks).to(dev), lengths.to(dev), bias.to(dev))
+
+
+@in_process
+def test_runs_under_interpreter_without_cuda():
+    if not CUDA:
+        for kernel in (PA._decode_partial_kernel, PA._decode_merge_kernel, PA._decode_colsum_kernel,
+                       PF._prefill_kernel, PF._prefill_rows_kernel, SO._store_write_kernel, SO._store_gather_kernel):
+            assert isinstance(kernel, InterpretedFunction)
+
+
+# ---- paged decode attention ------------------------------------------------------------------------
+
+DECODE_LENGTHS = [[37, 0], [1, 1], [70, 45]]  # ragged, an empty head, a single-token slot, several blocks
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("colsum", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_matches_ref(D, G, with_bias, colsum, dtype):
+    k, v, table, lengths, bias = make_store(DECODE_LENGTHS, 16, D, dtype, seed=D + G)
+    B, Hkv = lengths.shape
+    q = torch.randn(B, Hkv * G, D, generator=torch.Generator().manual_seed(G)).to(dtype).to(DEVICE)
+    bp = bias if with_bias else None
+    scale = D**-0.5
+    want = PA.paged_decode_attention_ref(q, k, v, table, lengths, scale, bp, colsum)
+    got = PA.paged_decode_attention(q, k, v, table, lengths, scale, bp, colsum, impl="triton")
+    if colsum:
+        assert_close(got[0], want[0], dtype, "out")
+        assert_close(got[1], want[1], dtype, "colsum")
+        assert got[1][0, 1].abs().sum() == 0  # the empty head receives nothing
+    else:
+        assert_close(got, want, dtype, "out")
+    out = got[0] if colsum else got
+    assert out[0, G : 2 * G].abs().sum() == 0  # empty head: zeros, not NaN
+
+
+@in_process
+@pytest.mark.parametrize("num_splits,block_n", [(1, 16), (3, 16), (7, 16), (2, 32), (64, 16)])
+def test_decode_split_k(num_splits, block_n):
+    dtype = torch.float32
+    k, v, table, lengths, bias = make_store([[100, 3], [0, 57]], 16, 64, dtype, seed=num_splits)
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want = PA.paged_decode_attention_ref(q, k, v, table, lengths, 0.125, bias, True)
+    got = PA.paged_decode_attention_triton(q, k, v, table, lengths, 0.125, bias, True,
+                                           num_splits=num_splits, block_n=block_n)
+    assert_close(got[0], want[0], dtype, f"out, {num_splits} splits")
+    assert_close(got[1], want[1], dtype, f"colsum, {num_splits} splits")
+
+
+@in_process
+@pytest.mark.parametrize("D", [64, 80])
+def test_decode_odd_block_size_and_strided_q(D):
+    # block_size 12 (not a power of two), head_dim 80 (padded to 128), q a slice of a fused-QKV-like tensor
+    dtype = torch.float32
+    k, v, table, lengths, bias = make_store([[29, 13, 1]], 12, D, dtype, seed=5)
+    qkv = torch.randn(1, 6, 3 * D, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    q = qkv[..., D : 2 * D]
+    assert not q.is_contiguous()
+    want = PA.paged_decode_attention_ref(q.contiguous(), k, v, table, lengths, 0.125, bias, True)
+    got = PA.paged_decode_attention_triton(q, k, v, table, lengths, 0.125, bias, True, num_splits=2, block_n=16)
+    assert_close(got[0], want[0], dtype, "out")
+    assert_close(got[1], want[1], dtype, "colsum")
+
+
+@in_process
+def test_decode_all_empty():
+    k, v, table, lengths, _ = make_store([[0, 0]], 16, 64, torch.float32)
+    q = torch.randn(1, 4, 64).to(DEVICE)
+    out, col = PA.paged_decode_attention(q, k, v, table, lengths, 0.125, None, True, impl="triton")
+    assert out.abs().sum() == 0 and col.shape == (1, 2, 16) and col.abs().sum() == 0
+
+
+# ---- prefill attention -----------------------------------------------------------------------------
+
+def _prefill_case(lengths, T, G, D, dtype, seed):
+    k, v, table, lens, bias = make_store([lengths], 16, D, dtype, seed=seed)
+    Hkv = len(lengths)
+    q = torch.randn(T, Hkv * G, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    return q, k, v, table[0], lens[0], bias
+
+
+def _check_prefill(q, k, v, table, lens, bias, last_w, dtype, **tiles):
+    scale = q.shape[-1] ** -0.5
+    want = PF.prefill_attention_ref(q, k, v, table, lens, scale, bias, last_w)
+    if tiles:
+        got = PF.prefill_attention_triton(q, k, v, table, lens, scale, bias, last_w, **tiles)
+    else:
+        got = PF.prefill_attention(q, k, v, table, lens, scale, bias, last_w, impl="triton")
+    if last_w > 0:
+        assert_close(got[0], want[0], dtype, "out")
+        assert_close(got[1], want[1], dtype, "rows")
+    else:
+        assert_close(got, want, dtype, "out")
+    return got
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last_w", [0, 3, 40])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_matches_ref(D, G, with_bias, last_w, dtype):
+    # a 9-token chunk on heads with different pasts (32 and 14 tokens, not block multiples)
+    q, k, v, table, lens, bias = _prefill_case([41, 23], 9, G, D, dtype, seed=D + G)
+    _check_prefill(q, k, v, table, lens, bias if with_bias else None, last_w, dtype)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(
+    "lengths,T",
+    [([9, 9], 9),  # first chunk: plain causal
+     ([41, 0], 9),  # an empty head
+     ([41, 5], 9),  # a head holding fewer tokens than the chunk: its early queries see nothing
+     ([1, 1], 1),  # a single-token sequence
+     ([70, 33, 50], 20)],  # several blocks, three heads
+)
+@in_process
+def test_prefill_shapes(lengths, T, with_bias):
+    dtype = torch.float32
+    q, k, v, table, lens, bias = _prefill_case(lengths, T, 3, 64, dtype, seed=T)
+    got = _check_prefill(q, k, v, table, lens, bias if with_bias else None, 4, dtype)
+    assert not torch.isnan(got[0]).any()
+
+
+@in_process
+@pytest.mark.parametrize("block_r,block_n,D", [(16, 16, 64), (32, 64, 64), (128, 16, 64), (32, 32, 80)])
+def test_prefill_tiles(block_r, block_n, D):
+    dtype = torch.float32
+    q, k, v, table, lens, bias = _prefill_case([83, 60], 37, 5, D, dtype, seed=block_r)
+    _check_prefill(q, k, v, table, lens, bias, 11, dtype, block_r=block_r, block_n=block_n)
+
+
+# ---- store write / gather --------------------------------------------------------------------------
+
+def _pools(dtype, n_blocks=9, bs=12, D=64):
+    g = torch.Generator().manual_seed(3)
+    return [
+        torch.randn(n_blocks, bs, D, generator=g).to(dtype).to(DEVICE),  # K
+        torch.randn(n_blocks, bs, D, generator=g).to(dtype).to(DEVICE),  # V
+        torch.randint(0, 1000, (n_blocks, bs), generator=g, dtype=torch.int32).to(DEVICE),  # positions
+        torch.randn(n_blocks, bs, generator=g).to(DEVICE),  # bias
+    ]
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [0, 1, 29])
+def test_store_write_and_gather(N, dtype):
+    pools = _pools(dtype)
+    n_blocks, bs, D = pools[0].shape
+    g = torch.Generator().manual_seed(N)
+    loc = torch.randperm(n_blocks * bs, generator=g)[:N].to(DEVICE)  # distinct (block, offset) targets
+    blocks, offsets = loc // bs, loc % bs
+    values = [
+        torch.randn(N, D, generator=g).to(DEVICE),  # float32 into the model dtype
+        torch.randn(D, N, generator=g).to(DEVICE).t(),  # non-contiguous rows
+        torch.arange(N, device=DEVICE) + 5000,  # int64 into int32
+        torch.randn(N, generator=g).to(DEVICE),
+    ]
+    want = [p.clone() for p in pools]
+    SO.store_write_ref(want, blocks, offsets, values)
+    got = [p.clone() for p in pools]
+    SO.store_write(got, blocks, offsets, values, impl="triton")
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"pool {i}: max abs err {(a.float() - b.float()).abs().max()}"
+    for i, (a, b) in enumerate(zip(SO.store_gather(got, blocks, offsets, impl="triton"),
+                                   SO.store_gather_ref(want, blocks, offsets))):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"gather pool {i}"

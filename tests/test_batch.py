@@ -98,7 +98,6 @@ def test_results_do_not_depend_on_batch_size(embedded, tmp_path):
         assert summary["max_concurrent"] == min(bs, len(rows))
         runs[bs] = [(r["id"], r["text"], r["usage"], r["finish_reason"]) for r in out]
     assert runs[1] == runs[8]
-    assert "Paris" in runs[1][0][1]
 
 
 def test_stdin_to_stdout_pipeline(embedded):

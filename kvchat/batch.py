@@ -257,6 +257,9 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
                 _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress)
             except KeyboardInterrupt:
                 interrupted = True
+            except BrokenPipeError:  # the reader of `-` went away (`| head`): stop quietly, as cat does
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise click.exceptions.Exit(141) from None
     finally:
         if close:
             f.close()

@@ -85,6 +85,7 @@ def test_mixed_file_gives_one_line_per_input_line_in_order(embedded, tmp_path):
     assert summary["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in ok.values())
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size(embedded, tmp_path):
     """Greedy lines equal token for token; sampled lines too, through seeds derived from --seed and the id."""
     questions = ["What is the capital of France?", "Name a fruit.", "What is 3 + 4?", "Say hello.",
@@ -102,12 +103,13 @@ def test_results_do_not_depend_on_batch_size(embedded, tmp_path):
 
 def test_stdin_to_stdout_pipeline(embedded):
     rows = [json.dumps({"id": "a", "prompt": "What is the capital of France?"}), '{"id": "b", "prompt": 1}']
-    r = CliRunner().invoke(main, ["batch", "-", "-", "--max-new-tokens", "8", "--no-progress", "--device", "cpu"],
+    r = CliRunner().invoke(main, ["batch", "-", "-", "--max-new-tokens", "8", "--progress", "--device", "cpu"],
                            input="\n".join(rows) + "\n")
     assert r.exit_code == 0, r.output
     out = [json.loads(x) for x in r.stdout.strip().split("\n")]
     assert [o["id"] for o in out] == ["a", "b"] and "Paris" in out[0]["text"] and "error" in out[1]
     assert "batch: 2 prompts, 1 ok, 1 errors" in r.stderr and "KV (full)" in r.stderr
+    assert "2/2" in r.stderr and "tok/s, KV saved" in r.stderr  # the progress bar
 
 
 def test_max_kv_bytes_admits_more_requests_when_compressed(embedded, tmp_path):

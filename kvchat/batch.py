@@ -3,6 +3,9 @@
 Results come out of the engine as sequences finish; a reorder buffer writes them in input order as soon as
 every earlier line is written, each line whole (one write, then flush), so an interrupted run keeps every
 finished line and `--resume` appends the rest. A bad line becomes an error record and the run goes on.
+
+--resume treats error records as done too: they are deterministic (the same line fails the same way), and
+re-running them would put their id in OUT twice. To retry a line, delete its record from OUT first.
 """
 
 from __future__ import annotations
@@ -237,6 +240,12 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     todo = [j for j in jobs if id_key(j.id) not in done]
+    if not todo:  # a finished run resumed: nothing to load
+        summary = Stats(0, skipped=len(jobs)).summary(None, opts, batch_size, cap, False)
+        click.echo(summary_text(summary), err=True)
+        if summary_path:
+            write_json_atomic(summary_path, summary)
+        return summary
     if loaded is None:
         from kvchat.cli import setup  # loading the model lives with the CLI's other options
 

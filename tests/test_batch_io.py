@@ -134,3 +134,20 @@ def test_summary_text_has_every_figure():
     for part in ("3 prompts", "2 ok", "1 errors", "4 skipped", "100 prompt", "20 generated", "10.0 tokens/s",
                  "up to 2", "peak 2.0 MB held vs 4.0 MB full (50% saved)", "average 1.0 MB vs 4.0 MB (75% saved)"):
         assert part in t, part
+
+
+def test_resume_with_nothing_left_loads_no_model(tmp_path, monkeypatch):
+    import kvchat.cli
+
+    def no_model(opts):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(kvchat.cli, "setup", no_model)
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\nnot json\n')
+    (tmp_path / "out.jsonl").write_text('{"id": "a", "text": "hello"}\n{"id": 2, "error": {}}\n')
+    r = CliRunner().invoke(main, ["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--resume",
+                                  "--summary", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "0 prompts" in r.stderr and "2 skipped" in r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["skipped"] == 2
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 2

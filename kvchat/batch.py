@@ -184,7 +184,7 @@ def _read_lines(inp: str) -> list[str]:
         data = sys.stdin.buffer.read() if inp == "-" else open(inp, "rb").read()
     except OSError as e:
         raise click.ClickException(f"cannot read {inp}: {e.strerror}") from None
-    raw = data.split(b"\n")
+    raw = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a BOM (Windows editors) is not part of line 1
     if raw and raw[-1] == b"":  # the newline ending the last line does not start another one
         raw.pop()
     # A line that is not UTF-8 keeps its place and fails as invalid JSON.

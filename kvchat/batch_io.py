@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-# Per-line options: name -> (check, what the error says it must be).
+# Per-line options a native line may carry (validated by `_check_option`).
 OPTIONS = ("system", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 NATIVE_FIELDS = ("id", "prompt", "messages") + OPTIONS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")

@@ -30,6 +30,7 @@ class KVStore:
         self.peak_full = 0
         self.slot_peak_held = [0] * n_slots
         self.slot_peak_full = [0] * n_slots
+        self.n_notes = self.sum_held = self.sum_full = 0  # for averages over a run (batch summary)
 
     def owned(self) -> list[LayerStore]:
         return list(self._own.values())
@@ -54,9 +55,13 @@ class KVStore:
         return self.seen[slot] * self.desc.kv_bytes_per_token
 
     def note(self, slots) -> None:
-        """Update peaks after a step touching `slots`."""
-        self.peak_held = max(self.peak_held, self.bytes_held())
-        self.peak_full = max(self.peak_full, self.bytes_full())
+        """Update peaks (and running sums for averages) after a step touching `slots`."""
+        held, full = self.bytes_held(), self.bytes_full()
+        self.peak_held = max(self.peak_held, held)
+        self.peak_full = max(self.peak_full, full)
+        self.n_notes += 1
+        self.sum_held += held
+        self.sum_full += full
         for s in slots:
             self.slot_peak_held[s] = max(self.slot_peak_held[s], self.slot_held(s))
             self.slot_peak_full[s] = max(self.slot_peak_full[s], self.slot_full(s))

@@ -25,7 +25,7 @@ import torch
 
 from kvchat.batch import encode_job, run_batch
 from kvchat.batch_io import parse_line
-from kvchat.cli import quiet_transformers
+from kvchat.loading import quiet_transformers
 from kvchat.model import load_model
 from kvchat.profiles import load_profile
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from kvchat.cli import quiet_transformers
+from kvchat.loading import quiet_transformers
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.model import load_model
 from kvchat.profiles import load_profile

@@ -247,7 +247,7 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
             write_json_atomic(summary_path, summary)
         return summary
     if loaded is None:
-        from kvchat.cli import setup  # loading the model lives with the CLI's other options
+        from kvchat.loading import setup
 
         loaded = setup(opts)[:2]
     profile, lm = loaded

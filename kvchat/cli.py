@@ -9,6 +9,7 @@ import sys
 import click
 
 from kvchat.errors import KvchatError
+from kvchat.loading import setup
 from kvchat.model import EMBEDDED
 
 COMMON = ("model", "profile", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "system", "device",
@@ -60,31 +61,6 @@ def user_errors(f):
             raise click.ClickException(str(e)) from None
 
     return wrapper
-
-
-def quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    import logging
-
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()
-
-
-def setup(opts: dict):
-    """Load the profile first (cheap, fails fast on a typo), then the model."""
-    from kvchat.engine import SamplingParams
-    from kvchat.model import load_model
-    from kvchat.profiles import load_profile
-
-    profile = load_profile(opts["profile"])
-    quiet_transformers()
-    lm = load_model(opts["model"], opts["device"], opts["dtype"], progress=lambda m: click.echo(m, err=True))
-    params = SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
-                            top_p=opts["top_p"], top_k=opts["top_k"], seed=opts["seed"])
-    return profile, lm, params
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

@@ -102,7 +102,7 @@ def kvchat_home(tmp_path, monkeypatch, request):
 def embedded(models_dir):
     """The embedded SmolLM2-135M-Instruct, loaded once (fp32, CPU)."""
     os.environ["KVCHAT_HOME"] = str(models_dir.parent)
-    from kvchat.cli import quiet_transformers
+    from kvchat.loading import quiet_transformers
     from kvchat.model import load_model
 
     quiet_transformers()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conftest import tiny_model
-from kvchat.cache import KVStore, LayerStore
+from kvchat.cache import LayerStore
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.window import Window
 from kvchat.profiles import Profile

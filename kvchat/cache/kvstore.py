@@ -7,7 +7,6 @@ layer's store (KVSharer) is an alias and owns nothing; shared storage is counted
 
 from __future__ import annotations
 
-import torch
 
 from kvchat.cache.store import LayerStore
 

@@ -202,6 +202,15 @@ class Engine:
         self.free_slots.append(seq.slot)
 
     # ---- many sequences ----------------------------------------------------------------------------
+    def _fits(self, req: Request, cap: int | None) -> bool:
+        """Would `req`'s prompt keep the bytes held under `cap`? Its size is estimated at the held/full
+        ratio the live sequences show now, so a compressing profile admits more requests."""
+        if cap is None:
+            return True
+        held, full = self.store.bytes_held(), self.store.bytes_full()
+        ratio = held / full if full else 1.0
+        return held + len(req.prompt_ids) * self.desc.kv_bytes_per_token * ratio <= cap
+
     def run(self, requests: Iterable[Request], on_token: TokenCallback | None = None,
             max_kv_bytes: int | None = None, on_error=None) -> Iterator[Result]:
         """Continuous batching: yields results as sequences finish (not in input order).
@@ -210,9 +219,7 @@ class Engine:
         waiting = deque(requests)
         live: list[Seq] = []
         while waiting or live:
-            while waiting and self.free_slots and (
-                not live or max_kv_bytes is None or self.store.bytes_held() < max_kv_bytes
-            ):
+            while waiting and self.free_slots and (not live or self._fits(waiting[0], max_kv_bytes)):
                 req = waiting.popleft()
                 try:
                     seq = self.start(req, on_token)

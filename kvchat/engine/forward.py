@@ -116,8 +116,11 @@ class Runner:
             if store.owns(li):
                 st.append_chunk(slot, k, v, positions)
             w = max((m.prefill_rows(li) for m in self.methods), default=0)
+            # A slot's first chunk carries no bias yet (appends write 0): skipping the pool keeps the
+            # causal fast path instead of a dense (H_q, T, L) additive mask.
+            bias = st.bias if any(start) else None
             res = prefill_attention(q, st.k, st.v, st.table[slot], st.lengths[slot], self.scale,
-                                    bias_pool=st.bias, last_w=w)
+                                    bias_pool=bias, last_w=w)
             attn, rows = res if w else (res, None)
             x = x + F.linear(attn.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
             x = self._mlp(lw, x)

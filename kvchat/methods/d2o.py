@@ -85,10 +85,10 @@ class _SlotState:
 class D2O(Method):
     name = "d2o"
     ratio: float = 0.25
-    recent_share: float = 0.5
+    recent_share: float = 0.2
     min_budget: int = 128
     sink: int = 4
-    obs_window: int = 32
+    obs_window: int = 16
     tau_ema: float = 0.5
 
     def __post_init__(self):

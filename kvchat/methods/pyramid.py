@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kvchat.methods.base import Method, PrefillCtx
 
@@ -41,11 +42,15 @@ def pivotal(scores: torch.Tensor, positions: torch.Tensor, k: int, sink: int) ->
     return torch.topk(s, k).indices.sort().values
 
 
-def distance_scores(rows: torch.Tensor, weight: float) -> torch.Tensor:
-    """rows (H_q, w, L) attention probabilities -> (L,) head-mean, later queries weighted up to `weight`."""
+def distance_scores(rows: torch.Tensor, weight: float, pool: int = 1) -> torch.Tensor:
+    """rows (H_q, w, L) attention probabilities -> (L,) head-mean, later queries weighted up to `weight`,
+    then max-pooled over `pool` neighbouring tokens (odd; 1 = off)."""
     w = rows.shape[1]
     dist = torch.linspace(1.0, weight, w, device=rows.device).view(w, 1)
-    return (rows.mean(0) * dist).mean(0)
+    s = (rows.mean(0) * dist).mean(0)
+    if pool > 1:
+        s = F.max_pool1d(s.view(1, 1, -1), pool, stride=1, padding=pool // 2).view(-1)
+    return s
 
 
 @dataclass
@@ -66,6 +71,7 @@ class PyramidInfer(Method):
     gen_block: int = 16
     gen_compress: float = 0.9
     gen_decay: float = 0.1
+    pool: int = 7
 
     def __post_init__(self):
         self._float("recent_ratio", lo=0.0, hi=1.0, lo_open=True)
@@ -76,6 +82,9 @@ class PyramidInfer(Method):
         self._int("gen_block", lo=1)
         self._float("gen_compress", lo=0.0, hi=1.0, lo_open=True)
         self._float("gen_decay", lo=0.0, hi=1.0, lo_open=True)
+        self._int("pool", lo=1)
+        if self.pool % 2 == 0:
+            raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
         self._w = 0  # rows wanted for the chunk being prefilled (r + 1)
         self._slots: dict[int, _SlotState] = {}
 
@@ -104,7 +113,7 @@ class PyramidInfer(Method):
         if k >= C:
             return None
         start = ctx.chunk_start[0]  # pyramid keeps every head alike, so all heads share one offset
-        scores = distance_scores(ctx.rows, self.distance_weight)[start : start + C]
+        scores = distance_scores(ctx.rows, self.distance_weight, self.pool)[start : start + C]
         keep = torch.cat([pivotal(scores, ctx.positions[:C], k, self.sink), torch.arange(C, T)])
         if ctx.store.owns(ctx.layer):
             st = ctx.store.layers[ctx.layer]

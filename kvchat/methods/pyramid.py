@@ -7,6 +7,9 @@ everything), with at least `min_context`, plus the first `sink` positions and th
 dropped tokens leave the residual stream, so the next layer never computes them (the compute saving),
 and this layer's store is compacted to the same tokens (the memory saving). Context shrinks
 multiplicatively with depth. Only the r+1 attention rows are computed, never the (T, T) matrix.
+Deviation: scores are max-pooled over `pool` neighbouring tokens (SnapKV's clustering) so a selected
+token keeps its neighbours; per-token selection split multi-token facts (a 5-digit number is 5 tokens
+on SmolLM2) in our needle probes. `pool: 1` is the paper's per-token selection.
 
 Decode: generated tokens are compressed per layer, one block of `gen_block` tokens at a time, once that
 many have piled up behind the recent window: the block keeps max(gen_block x gen_compress x t_l, 1)

@@ -69,7 +69,8 @@ def forced_decode(lm, name: str, ids: list[int], steps: int, every: int = 64) ->
     """Held and full bytes every `every` steps of greedy decode with EOS ignored."""
     eng = Engine(lm, profile(name))
     seq = eng.start(Request("d", ids, SamplingParams(max_new_tokens=1)))
-    st, marks = eng.store, [(0, st.slot_held(0), st.slot_full(0))]
+    st = eng.store
+    marks = [(0, st.slot_held(0), st.slot_full(0))]
     tok = torch.tensor([int(seq.out[-1]) if seq.out else lm.tokenizer.eos_token_id])
     for i in range(1, steps + 1):
         logits = eng.runner.decode(st, torch.tensor([seq.slot]), tok, torch.tensor([seq.pos]))
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1600)
     ap.add_argument("--decode", type=int, default=256)
     ap.add_argument("--timing-tokens", type=int, default=2000)
+    ap.add_argument("--skip-needles", action="store_true")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = load_model()
@@ -106,7 +108,7 @@ def main() -> None:
     print(f"needle: {len(prompts)} prompts of {min(len(p) for p, _ in prompts)}-{max(len(p) for p, _ in prompts)} tokens, "
           f"depths {', '.join(f'{d:.0%}' for d in DEPTHS)}")
     print(f"{'profile':8} {'found':>6} {'held/full':>10} {'prefill_s':>10}")
-    for n in names:
+    for n in ([] if a.skip_needles else names):
         r = run_needles(lm, n, prompts)
         print(f"{n:8} {r['found']:>4}/6 {r['held']:>10.1%} {r['prefill_s']:>10.2f}", flush=True)
     if a.decode:

@@ -136,8 +136,10 @@ class Runner:
             if store.owns(li):
                 st.append_chunk(slot, k, v, positions)
             w = max((m.prefill_rows(li) for m in self.methods), default=0)
-            if store.owns(li) and not any(start) and st.bias is None:
-                res = causal_attention(q, k, v, self.scale, w)  # nothing stored before: skip the gather
+            if store.owns(li) and not any(start):
+                # Nothing stored before this chunk: attend to its own K/V (no gather; a first chunk
+                # carries no logit bias yet, appends write 0).
+                res = causal_attention(q, k, v, self.scale, w)
             else:
                 res = prefill_attention(q, st.k, st.v, st.table[slot], st.lengths[slot], self.scale,
                                         bias_pool=st.bias, last_w=w)

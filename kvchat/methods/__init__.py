@@ -1,10 +1,16 @@
 """KV-cache methods, one file each. `REGISTRY` maps the keys under a profile's `methods:` to classes."""
 
 from kvchat.methods.base import Method, PrefillCtx
+from kvchat.methods.d2o import D2O
+from kvchat.methods.pyramid import PyramidInfer
+from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
 
 REGISTRY: dict[str, type[Method]] = {
     Window.name: Window,
+    PyramidInfer.name: PyramidInfer,
+    RazorAttention.name: RazorAttention,
+    D2O.name: D2O,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

@@ -1,0 +1,24 @@
+"""Calibrations some methods need before they run, cached per model under `KVCHAT_HOME/calibrations/`.
+
+`calibrate(lm, method, progress)` is what `kvchat calibrate -p PROFILE` calls for each method of a
+profile: it (re)computes that method's calibration and returns the cache file, or None when the method
+needs none. Methods also call their calibration lazily in `bind`, reading the cache when it exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvchat.calibration.cache import cache_path
+from kvchat.calibration.razor import retrieval_heads, score_heads
+
+
+def calibrate(lm, method, progress=None, force: bool = True) -> Path | None:
+    """Run `method`'s calibration on `lm` (recomputing when `force`); -> cache file, or None if not needed."""
+    run = getattr(method, "calibrate", None)
+    if run is None:
+        return None
+    return run(lm, progress=progress, force=force)
+
+
+__all__ = ["cache_path", "calibrate", "retrieval_heads", "score_heads"]

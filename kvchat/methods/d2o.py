@@ -1,0 +1,176 @@
+"""d2o: D2O, dynamic discriminative operations on the KV cache (https://arxiv.org/abs/2406.13035).
+
+Layer level: each layer's attention density is the variance over keys of its column sums, min-max
+normalised over query heads and averaged (sigma_l in [0, 1]). Budgets follow w = softmax(-sigma) over
+layers: ratio_l = clamp(w_l x L x `ratio`, 0.01, 1), budget_l = max(ratio_l x N, `min_budget`) tokens,
+so a 30-token prompt still keeps a usable cache. Layers 0, 1 and L-1 are never compressed (paper).
+Token level, per KV head (scores summed over the group's query heads; K/V are never repeated): a token's
+score is the attention it has received: at prefill the column sums of the last `obs_window` queries'
+rows (the engine computes those rows only; full column sums would credit early tokens for merely being
+seen by more queries), then each decode step's column sums. Each head keeps the first `sink` tokens, the
+top-scoring (1 - `recent_share`) of the budget among older tokens and the last `recent_share` of it.
+Evicted tokens merge into their most similar kept key when that cosine similarity u passes the
+threshold tau (EMA over evictions: tau <- (1 - `tau_ema`) tau + `tau_ema` mean max-similarity, first tau
+= the mean), weighted per kept token c as in Eq. 11-12: k_c <- (e k_c + sum_e exp(u_ec) k_e) /
+(e + sum_e exp(u_ec)), values alike. Decode evicts a block's worth at once when a layer reaches
+budget + block_size tokens, so compaction is amortized and held bytes stay within one block per head
+of the budget.
+
+Multi-turn: a new turn is appended on top, every stored token (earlier turns included) is re-scored by
+the new turn's last queries, budgets are recomputed from the tokens seen so far, and each layer evicts
+and merges back down to its budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvchat.methods.base import Method, PrefillCtx
+
+
+def density(rows: torch.Tensor, n: int) -> float:
+    """rows (H_q, w, L) -> sigma in [0, 1]: variance over the first n keys of the column sums, min-max
+    normalised over heads, head mean."""
+    var = rows[:, :, :n].sum(1).float().var(-1)  # (H_q,)
+    span = var.max() - var.min()
+    return float(((var - var.min()) / span).mean()) if span > 0 else 0.0
+
+
+def layer_budgets(sigma: list[float], n_tokens: int, ratio: float, min_budget: int) -> list[int | None]:
+    """Tokens each layer keeps (None = uncompressed: layers 0, 1 and L-1)."""
+    L = len(sigma)
+    w = torch.softmax(-torch.tensor(sigma), 0)
+    ratios = (w * L * ratio).clamp(0.01, 1.0).tolist()
+    return [None if l in (0, 1, L - 1) else max(int(r * n_tokens), min_budget) for l, r in enumerate(ratios)]
+
+
+def max_similarity(ev_k, kept_k, index=False):
+    """Each evicted key's highest cosine similarity with a kept key (E,) [and which kept key]."""
+    u = F.normalize(ev_k.float(), dim=-1) @ F.normalize(kept_k.float(), dim=-1).T  # (E, C)
+    best, to = u.max(1)
+    return (best, to) if index else best
+
+
+def merge(kept_k, kept_v, ev_k, ev_v, tau: float):
+    """Paper Eq. 11-12: each evicted token joins its most similar kept key if the similarity u >= tau.
+
+    kept_* (C, D), ev_* (E, D) -> merged kept keys and values, and each evicted token's max similarity.
+    Weights are normalised per kept token: w_c = e / (e + S_c), w_e = exp(u_ec) / (e + S_c),
+    S_c = sum of exp(u) over the tokens merging into c (e = exp(1), a key's similarity with itself).
+    """
+    best, to = max_similarity(ev_k, kept_k, index=True)
+    wt = torch.exp(best) * (best >= tau)  # (E,) 0 for tokens that are discarded
+    denom = torch.full((kept_k.shape[0],), math.e).index_add_(0, to, wt)  # (C,)
+    out = []
+    for kept, ev in ((kept_k, ev_k), (kept_v, ev_v)):
+        num = math.e * kept.float()
+        num.index_add_(0, to, wt.view(-1, 1) * ev.float())
+        out.append((num / denom.view(-1, 1)).to(kept.dtype))
+    return out[0], out[1], best
+
+
+@dataclass
+class _SlotState:
+    budgets: list = field(default_factory=list)  # per layer: tokens kept, None = uncompressed
+    scores: list = field(default_factory=list)  # per layer: (H_kv, n) accumulated attention
+    sigma: list = field(default_factory=list)  # per layer density of the last prefill chunk
+    tau: list = field(default_factory=list)  # per layer merge threshold, None until the first eviction
+
+
+@dataclass
+class D2O(Method):
+    name = "d2o"
+    ratio: float = 0.25
+    recent_share: float = 0.2
+    min_budget: int = 128
+    sink: int = 4
+    obs_window: int = 16
+    tau_ema: float = 0.5
+
+    def __post_init__(self):
+        self._float("ratio", lo=0.0, hi=1.0, lo_open=True)
+        self._float("recent_share", lo=0.0, hi=1.0)
+        self._int("min_budget", lo=1)
+        self._int("sink", lo=0)
+        self._int("obs_window", lo=1)
+        self._float("tau_ema", lo=0.0, hi=1.0)
+        self._slots: dict[int, _SlotState] = {}
+
+    # ---- prefill -----------------------------------------------------------------------------------
+    def prefill_rows(self, layer: int) -> int:
+        return self.obs_window
+
+    def after_prefill_layer(self, ctx: PrefillCtx):
+        L = self.desc.n_layers
+        if ctx.layer == 0 and (not any(ctx.chunk_start) or ctx.slot not in self._slots):
+            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [0.0] * L, [None] * L)
+        state = self._slots[ctx.slot]
+        n = int(ctx.store.layers[ctx.layer].lengths[ctx.slot].max())
+        state.sigma[ctx.layer] = density(ctx.rows, n)
+        G = self.desc.n_heads // self.desc.n_kv_heads
+        # Re-scored by this chunk's last queries: earlier turns compete with the new one on equal terms.
+        state.scores[ctx.layer] = ctx.rows[:, :, :n].sum(1).view(-1, G, n).sum(1).float()  # (H_kv, n)
+        return None
+
+    def after_prefill(self, store, slot: int) -> None:
+        state = self._slots[slot]
+        state.budgets = layer_budgets(state.sigma, store.seen[slot], self.ratio, self.min_budget)
+        for layer, budget in enumerate(state.budgets):
+            if budget is not None and store.owns(layer):
+                self._evict(store.layers[layer], slot, layer, state, budget)
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def decode_colsum(self, layer: int) -> bool:
+        return 1 < layer < self.desc.n_layers - 1
+
+    def after_decode_layer(self, layer: int, store, slots, colsum) -> None:
+        if colsum is None or not store.owns(layer):
+            return
+        st = store.layers[layer]
+        for b, slot in enumerate(slots.tolist() if torch.is_tensor(slots) else slots):
+            state = self._slots.get(slot)
+            if state is None or state.budgets[layer] is None:
+                continue
+            old = state.scores[layer]
+            n = old.shape[1] + 1
+            state.scores[layer] = F.pad(old, (0, 1)) + colsum[b, :, :n].float()
+            # Amortized: let a block's worth pile up, then evict it in one compaction.
+            if n >= state.budgets[layer] + store.block_size:
+                self._evict(st, slot, layer, state, state.budgets[layer])
+
+    # ---- eviction ----------------------------------------------------------------------------------
+    def keep_indices(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """scores (n,) -> sorted kept indices: sinks, the top scorers among old tokens, the recent ones."""
+        n = scores.shape[0]
+        rec = min(int(budget * self.recent_share), n)
+        hh = max(budget - rec, 0)
+        old = scores[: n - rec].clone()
+        old[: self.sink] = float("inf")
+        top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
+        return torch.cat([top, torch.arange(n - rec, n)])
+
+    def _evict(self, st, slot: int, layer: int, state: _SlotState, budget: int) -> None:
+        n = int(st.lengths[slot].max())
+        if n <= budget:
+            return
+        plans = []
+        for h in range(st.n_kv):
+            keep = self.keep_indices(state.scores[layer][h, :n], budget)
+            gone = torch.ones(n, dtype=torch.bool)
+            gone[keep] = False
+            plans.append((keep, gone.nonzero().flatten(), st.read(slot, h, torch.arange(n))))
+        # One threshold per layer (paper Eq. 10), from this eviction's head-mean max similarity.
+        sims = torch.stack([max_similarity(k[gone], k[keep]).mean() for keep, gone, (k, *_) in plans]).mean().item()
+        tau = state.tau[layer]
+        state.tau[layer] = tau = sims if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sims
+        new_scores = []
+        for h, (keep, gone, (k, v, *rest)) in enumerate(plans):
+            k_new, v_new, _ = merge(k[keep], v[keep], k[gone], v[gone], tau)
+            st.write(slot, h, torch.arange(keep.numel()), [k_new, v_new] + [r[keep] for r in rest])
+            st.truncate(slot, h, keep.numel())
+            new_scores.append(state.scores[layer][h, keep])
+        state.scores[layer] = torch.stack(new_scores)

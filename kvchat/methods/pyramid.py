@@ -1,0 +1,160 @@
+"""pyramidinfer: PyramidInfer, layer-wise pivotal-context selection (https://arxiv.org/abs/2405.12532).
+
+Prefill, per layer l >= 1: the chunk's last r+1 queries (r = recent_ratio x chunk length) score every
+older token of the chunk by their head-mean attention, later queries weighted more (`distance_weight`).
+The top C_l x s_l context tokens are kept, s_l = decay + (1 - decay)(cos(pi l / L) + 1) / 2 (layer 0 keeps
+everything), with at least `min_context`, plus the first `sink` positions and the recent r+1 tokens. The
+dropped tokens leave the residual stream, so the next layer never computes them (the compute saving),
+and this layer's store is compacted to the same tokens (the memory saving). Context shrinks
+multiplicatively with depth. Only the r+1 attention rows are computed, never the (T, T) matrix.
+Deviation: scores are max-pooled over `pool` neighbouring tokens (SnapKV's clustering) so a selected
+token keeps its neighbours; per-token selection split multi-token facts (a 5-digit number is 5 tokens
+on SmolLM2) in our needle probes. `pool: 1` is the paper's per-token selection.
+
+Decode: generated tokens are compressed per layer, one block of `gen_block` tokens at a time, once that
+many have piled up behind the recent window: the block keeps max(gen_block x gen_compress x t_l, 1)
+tokens by the attention they received since they were generated (decode column sums, per KV head),
+t_l the same cosine schedule falling to `gen_decay`. Each layer counts its own pending tokens (the
+official code compares a layer-0 count with compressed lengths and re-compresses prompt tokens every
+step). Accumulated column sums stand in for the official code's stored (r+1, len) attention rows.
+
+Multi-turn: a new turn is prefilled and pruned on its own (its own recent window, its own schedule);
+earlier turns stay as they were compressed, and the previous reply's not-yet-compressed tail is kept.
+Chunked prefill treats each chunk as a turn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvchat.methods.base import Method, PrefillCtx
+
+
+def cosine_schedule(layer: int, n_layers: int, floor: float) -> float:
+    """1 at layer 0, falling along a half cosine towards `floor` at the last layer."""
+    return (1 - floor) * (math.cos(math.pi * layer / n_layers) + 1) / 2 + floor
+
+
+def pivotal(scores: torch.Tensor, positions: torch.Tensor, k: int, sink: int) -> torch.Tensor:
+    """Sorted indices of the k top-scoring tokens; positions < sink always win. scores, positions (C,)."""
+    s = scores.float().masked_fill(positions < sink, float("inf"))
+    return torch.topk(s, k).indices.sort().values
+
+
+def distance_scores(rows: torch.Tensor, weight: float, pool: int = 1) -> torch.Tensor:
+    """rows (H_q, w, L) attention probabilities -> (L,) head-mean, later queries weighted up to `weight`,
+    then max-pooled over `pool` neighbouring tokens (odd; 1 = off)."""
+    w = rows.shape[1]
+    dist = torch.linspace(1.0, weight, w, device=rows.device).view(w, 1)
+    s = (rows.mean(0) * dist).mean(0)
+    if pool > 1:
+        s = F.max_pool1d(s.view(1, 1, -1), pool, stride=1, padding=pool // 2).view(-1)
+    return s
+
+
+@dataclass
+class _SlotState:
+    recent: int = 0  # decode recent window r, from the last prefill chunk
+    pending: list[int] = field(default_factory=list)  # per layer: generated tokens not yet compressed
+    scores: list = field(default_factory=list)  # per layer: (H_kv, pending) accumulated attention
+
+
+@dataclass
+class PyramidInfer(Method):
+    name = "pyramidinfer"
+    recent_ratio: float = 0.1
+    decay: float = 0.5
+    min_context: int = 64
+    sink: int = 4
+    distance_weight: float = 1.2
+    gen_block: int = 16
+    gen_compress: float = 0.9
+    gen_decay: float = 0.1
+    pool: int = 7
+
+    def __post_init__(self):
+        self._float("recent_ratio", lo=0.0, hi=1.0, lo_open=True)
+        self._float("decay", lo=0.0, hi=1.0, lo_open=True)
+        self._int("min_context", lo=1)
+        self._int("sink", lo=0)
+        self._float("distance_weight", lo=0.0, lo_open=True)
+        self._int("gen_block", lo=1)
+        self._float("gen_compress", lo=0.0, hi=1.0, lo_open=True)
+        self._float("gen_decay", lo=0.0, hi=1.0, lo_open=True)
+        self._int("pool", lo=1)
+        if self.pool % 2 == 0:
+            raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
+        self._w = 0  # rows wanted for the chunk being prefilled (r + 1)
+        self._slots: dict[int, _SlotState] = {}
+
+    def bind(self, desc, lm=None, progress=None) -> None:
+        super().bind(desc, lm, progress)
+        L = desc.n_layers
+        self._prefill_s = [cosine_schedule(l, L, self.decay) for l in range(L)]
+        self._gen_keep = [max(int(self.gen_block * self.gen_compress * cosine_schedule(l, L, self.gen_decay)), 1)
+                          for l in range(L)]
+
+    # ---- prefill -----------------------------------------------------------------------------------
+    def prefill_rows(self, layer: int) -> int:
+        return self._w if self._prefill_s[layer] < 1 else 0
+
+    def after_prefill_layer(self, ctx: PrefillCtx):
+        T = ctx.positions.shape[0]
+        if ctx.layer == 0:  # layer 0 sees the whole chunk: fix the recent window for this chunk
+            self._w = int(self.recent_ratio * T) + 1
+            self._slots[ctx.slot] = _SlotState(recent=self._w - 1, pending=[0] * self.desc.n_layers,
+                                               scores=[None] * self.desc.n_layers)
+        s = self._prefill_s[ctx.layer]
+        C = T - min(self._w, T)  # context tokens of the chunk still in the residual stream
+        if s >= 1 or ctx.rows is None or C <= self.min_context:
+            return None
+        k = max(int(C * s), self.min_context)
+        if k >= C:
+            return None
+        start = ctx.chunk_start[0]  # pyramid keeps every head alike, so all heads share one offset
+        scores = distance_scores(ctx.rows, self.distance_weight, self.pool)[start : start + C]
+        keep = torch.cat([pivotal(scores, ctx.positions[:C], k, self.sink), torch.arange(C, T)])
+        if ctx.store.owns(ctx.layer):
+            st = ctx.store.layers[ctx.layer]
+            st.compact(ctx.slot, [torch.cat([torch.arange(b), b + keep]) for b in ctx.chunk_start])
+        return keep
+
+    # ---- decode ------------------------------------------------------------------------------------
+    def decode_colsum(self, layer: int) -> bool:
+        return self._gen_keep[layer] < self.gen_block
+
+    def after_decode_layer(self, layer: int, store, slots, colsum) -> None:
+        if colsum is None or not store.owns(layer):
+            return
+        st = store.layers[layer]
+        for b, slot in enumerate(slots.tolist() if torch.is_tensor(slots) else slots):
+            state = self._slots.get(slot)
+            if state is None:
+                continue
+            state.pending[layer] += 1
+            n = state.pending[layer]
+            lens = st.lengths[slot].long()  # (H_kv,)
+            idx = (lens.view(-1, 1) - n + torch.arange(n).view(1, -1)).clamp(min=0)  # (H_kv, n)
+            received = colsum[b].gather(1, idx)
+            # Everything pending attended by this step's query; the new token starts at its own share.
+            old = state.scores[layer]
+            state.scores[layer] = received if old is None else torch.cat([old, received[:, -1:] * 0], 1) + received
+            if n >= state.recent + self.gen_block:
+                self._compress_block(st, slot, state, layer)
+
+    def _compress_block(self, st, slot: int, state: _SlotState, layer: int) -> None:
+        """Keep the top `_gen_keep[layer]` of the oldest pending block in each head."""
+        E, n = self.gen_block, state.pending[layer]
+        k = self._gen_keep[layer]
+        keeps = []
+        for h, length in enumerate(st.lengths[slot].tolist()):
+            first = length - n  # storage index of the oldest pending token
+            top = torch.topk(state.scores[layer][h, :E], k).indices.sort().values
+            keeps.append(torch.cat([torch.arange(first), first + top, torch.arange(first + E, length)]))
+        st.compact(slot, keeps)
+        state.pending[layer] = n - E
+        state.scores[layer] = state.scores[layer][:, E:]

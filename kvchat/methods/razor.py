@@ -1,0 +1,141 @@
+"""razor: RazorAttention, full caches for retrieval heads only (https://arxiv.org/abs/2407.15891).
+
+A data-free calibration (kvchat/calibration/razor.py, cached per model under KVCHAT_HOME, run on first
+use) scores every KV head for echo and induction attention on a repeated random-token sequence; the top
+`echo_ratio` + `induction_ratio` of layers x KV heads are retrieval heads and keep every token. Every
+other KV head keeps the first `sink` tokens, the most recent W = max(`recent`, `window_ratio` x N) tokens
+(N = tokens seen at the last prefill) and ONE compensation token: the mean of the keys and values it
+dropped (Eq. 4), whose logit carries ln(count) through the store's bias pool so it weighs as much as the
+tokens it stands for (Eq. 5). Tokens leaving the window fold into it as a running mean. Lengths are
+physical per head: a non-retrieval head holds sink + 1 + W tokens whatever the prompt length.
+Storage order of a folded head: [sinks][compensation][window]. During decode a head folds a block's
+worth of tokens at once (amortized), so it holds at most W + block_size + sink + 1 tokens.
+
+Multi-turn: a new turn is appended on top; at its end W is recomputed from the tokens seen so far and
+every non-retrieval head folds the earlier turns' tokens that fell out of the window into the same
+compensation token; retrieval heads keep all turns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvchat.calibration.cache import cache_path, read_json, write_json
+from kvchat.calibration.razor import retrieval_heads, score_heads
+from kvchat.errors import KvchatError
+from kvchat.methods.base import Method
+
+
+@dataclass
+class RazorAttention(Method):
+    name = "razor"
+    sink: int = 4
+    recent: int = 128
+    window_ratio: float = 0.125
+    echo_ratio: float = 0.01
+    induction_ratio: float = 0.14
+    calib_tokens: int = 256
+    calib_repeats: int = 4
+    calib_seed: int = 2025
+
+    def __post_init__(self):
+        self._int("sink", lo=0)
+        self._int("recent", lo=1)
+        self._float("window_ratio", lo=0.0, hi=1.0)
+        self._float("echo_ratio", lo=0.0, hi=1.0)
+        self._float("induction_ratio", lo=0.0, hi=1.0)
+        self._int("calib_tokens", lo=8)
+        self._int("calib_repeats", lo=2)
+        self._int("calib_seed", lo=0)
+        self._window: dict[int, int] = {}  # slot -> W
+        self._count: dict[int, torch.Tensor] = {}  # slot -> (L, H_kv) tokens folded into the comp token
+
+    # ---- calibration -------------------------------------------------------------------------------
+    def calib_params(self) -> dict:
+        return {"tokens": self.calib_tokens, "repeats": self.calib_repeats, "seed": self.calib_seed, "version": 1}
+
+    def calibrate(self, lm, progress=None, force: bool = False):
+        """Scores of every KV head on `lm`, computed once and cached; -> the cache file."""
+        path = cache_path(lm.desc.name, "razor", self.calib_params())
+        if force or read_json(path) is None:
+            if progress:
+                progress(f"razor: calibrating retrieval heads of {lm.desc.name} once (cached in {path})")
+            scores = score_heads(lm, self.calib_tokens, self.calib_repeats, self.calib_seed)
+            write_json(path, {"model": lm.desc.name, "params": self.calib_params(), **scores})
+        return path
+
+    def bind(self, desc, lm=None, progress=None) -> None:
+        super().bind(desc, lm, progress)
+        path = cache_path(desc.name, "razor", self.calib_params())
+        data = read_json(path)
+        if data is None:
+            if lm is None:
+                raise KvchatError(f"razor needs a calibration of {desc.name}; run `kvchat calibrate -p razor`")
+            data = read_json(self.calibrate(lm, progress))
+        self.heads = retrieval_heads(data, self.echo_ratio, self.induction_ratio)
+        self._retrieval = torch.zeros(desc.n_layers, desc.n_kv_heads, dtype=torch.bool)
+        for layer, hs in enumerate(self.heads):
+            self._retrieval[layer, hs] = True
+
+    def needs_bias(self) -> bool:
+        return True
+
+    # ---- eviction ----------------------------------------------------------------------------------
+    def after_prefill_layer(self, ctx):
+        if ctx.layer == 0 and not any(ctx.chunk_start):  # a new sequence in this slot: no comp tokens yet
+            self._count[ctx.slot] = torch.zeros(self.desc.n_layers, self.desc.n_kv_heads)
+        return None
+
+    def after_prefill(self, store, slot: int) -> None:
+        self._window[slot] = max(self.recent, int(self.window_ratio * store.seen[slot]))
+        self._fold_all(store, [slot], slack=0)
+
+    def after_decode(self, store, slots) -> None:
+        # A head folds once a block's worth has piled up past its window: one compaction per block.
+        self._fold_all(store, slots, slack=store.block_size)
+
+    def _fold_all(self, store, slots, slack: int) -> None:
+        for layer in range(self.desc.n_layers):
+            if not store.owns(layer) or bool(self._retrieval[layer].all()):
+                continue
+            st = store.layers[layer]
+            for slot in slots:
+                if slot not in self._window:
+                    continue
+                limit = self.sink + 1 + self._window[slot] + slack
+                lens = st.lengths[slot]
+                if bool(((lens > limit) & ~self._retrieval[layer]).any()):
+                    self._fold(st, slot, layer)
+
+    def _fold(self, st, slot: int, layer: int) -> None:
+        """Move each non-retrieval head's tokens older than the window into its compensation token."""
+        W, count = self._window[slot], self._count[slot][layer]
+        lens = st.lengths[slot].tolist()
+        keeps, comps = [], {}
+        for h, n in enumerate(lens):
+            s0 = min(self.sink, n)
+            base = s0 + (1 if count[h] > 0 else 0)  # first token that is neither sink nor compensation
+            drop = n - W - base
+            if self._retrieval[layer, h] or drop <= 0:
+                keeps.append(torch.arange(n))
+                continue
+            comps[h] = self._compensation(st, slot, h, s0, base, drop, float(count[h]))
+            count[h] += drop
+            keeps.append(torch.cat([torch.arange(s0 + 1), torch.arange(n - W, n)]))
+        st.compact(slot, keeps)
+        for h, values in comps.items():  # index s0 now holds the compensation token (or its placeholder)
+            st.write(slot, h, torch.tensor([min(self.sink, lens[h])]), values)
+
+    def _compensation(self, st, slot, h, s0, base, drop, n_old: float) -> list[torch.Tensor]:
+        """[k, v, pos, bias] of the compensation token after folding `drop` tokens from `base` on."""
+        k, v, pos, _ = st.read(slot, h, torch.arange(base, base + drop))
+        k_sum, v_sum = k.float().sum(0), v.float().sum(0)
+        if n_old > 0:  # running mean: the old token stands for n_old dropped tokens
+            k_old, v_old, _, _ = st.read(slot, h, torch.tensor([s0]))
+            k_sum, v_sum = k_sum + n_old * k_old[0].float(), v_sum + n_old * v_old[0].float()
+        n = n_old + drop
+        bias = torch.tensor([math.log(n)], dtype=torch.float32)
+        return [(k_sum / n).view(1, -1), (v_sum / n).view(1, -1), pos[-1:], bias]

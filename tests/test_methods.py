@@ -1,0 +1,244 @@
+"""Fast invariants of pyramid, razor and d2o on a tiny random Llama (offline, seconds)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvchat.engine import Engine, Request, SamplingParams
+from kvchat.errors import ProfileError
+from kvchat.methods.d2o import D2O, density, layer_budgets, merge
+from kvchat.methods.pyramid import PyramidInfer, cosine_schedule, distance_scores, pivotal
+from kvchat.model import LoadedModel, describe
+from kvchat.profiles import Profile, load_profile, parse_profile
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+class StubTokenizer:
+    bos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    hf = LlamaForCausalLM(cfg).eval()
+    return LoadedModel(hf=hf, tokenizer=StubTokenizer(), desc=describe(hf, "tiny-llama"), eos_ids=frozenset())
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path))
+    return tmp_path
+
+
+def prompt(n=300, seed=1):
+    return torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(lm, methods, ids, n=24, block_size=16):
+    """Greedy generation of n tokens (n=0: prefill only); the slot stays live so its store can be read."""
+    eng = Engine(lm, Profile("t", methods=methods), block_size=block_size)
+    seq = eng.start(Request("t", ids, SamplingParams(max_new_tokens=max(n, 1))))
+    while seq.finish is None and n:
+        eng.step([seq])
+    return eng.result(seq), eng
+
+
+# ---- profiles -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["pyramid", "razor", "d2o"])
+def test_shipped_profiles_load(name):
+    p = load_profile(str(PROFILES / f"{name}.yaml"))
+    assert p.name == name and len(p.methods) == 1 and p.paper.startswith("https://arxiv.org/")
+
+
+@pytest.mark.parametrize("method, params, needle", [
+    ("razor", {"recent": -4}, "razor.recent must be >= 1, got -4"),
+    ("pyramidinfer", {"decay": 1.3}, "pyramidinfer.decay must be <= 1.0, got 1.3"),
+    ("pyramidinfer", {"recent_ratio": -0.1}, "pyramidinfer.recent_ratio must be > 0.0, got -0.1"),
+    ("d2o", {"ratio": 1.5}, "d2o.ratio must be <= 1.0, got 1.5"),
+    ("d2o", {"obs_window": -1}, "d2o.obs_window must be >= 1, got -1"),
+    ("d2o", {"budget": 3}, "unknown key d2o.budget; d2o accepts ratio, recent_share"),
+    ("razor", {"window": 3}, "unknown key razor.window; razor accepts sink, recent"),
+    ("pyramidinfer", {"sink": "four"}, "pyramidinfer.sink must be an integer, got 'four'"),
+])
+def test_bad_parameters_are_one_line(method, params, needle):
+    with pytest.raises(ProfileError) as e:
+        parse_profile({"name": "x", "methods": [{method: params}]}, "x.yaml")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- pure selection functions -------------------------------------------------------------------------
+def test_pivotal_keeps_sinks_and_top_scores():
+    scores = torch.tensor([0.0, 0.1, 5.0, 0.2, 4.0, 3.0, 0.3])
+    keep = pivotal(scores, torch.arange(7), k=4, sink=1)
+    assert keep.tolist() == [0, 2, 4, 5]  # sink 0, then the three highest
+
+
+def test_distance_scores_weight_later_queries():
+    rows = torch.zeros(2, 2, 3)
+    rows[:, 0, 0] = 1.0  # the earlier query looks at token 0
+    rows[:, 1, 1] = 1.0  # the later query at token 1
+    s = distance_scores(rows, 2.0)
+    assert s[1] == pytest.approx(2 * s[0]) and s[2] == 0
+
+
+def test_cosine_schedule_ends():
+    assert cosine_schedule(0, 30, 0.5) == 1.0
+    assert 0.5 < cosine_schedule(29, 30, 0.5) < 0.51
+
+
+def test_d2o_keeps_top_scorers_recent_and_sinks():
+    m = D2O(recent_share=0.25, sink=1)
+    scores = torch.tensor([0.0, 9.0, 0.1, 8.0, 0.2, 7.0, 0.3, 0.4, 0.0, 0.0])
+    keep = m.keep_indices(scores, budget=8)  # 2 recent, 6 old: sink + top five of the rest
+    old = scores[:8].clone()
+    old[0] = float("inf")
+    assert keep[:6].tolist() == sorted(torch.topk(old, 6).indices.tolist())
+    assert keep[6:].tolist() == [8, 9]
+
+
+def test_d2o_budgets_leave_edge_layers_whole_and_respect_min():
+    b = layer_budgets([0.1, 0.9, 0.5, 0.2, 0.8, 0.0], n_tokens=1000, ratio=0.2, min_budget=64)
+    assert b[0] is None and b[1] is None and b[-1] is None
+    assert b[3] > b[2] > b[4]  # sparser attention (higher variance) -> smaller budget
+    assert layer_budgets([0.5] * 6, 40, 0.2, 64)[2] == 64
+
+
+def test_density_is_normalised():
+    rows = torch.rand(4, 3, 10)
+    assert 0.0 <= density(rows, 10) <= 1.0
+
+
+def test_d2o_merge_matches_paper_weighted_combination():
+    kept_k = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    kept_v = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    ev_k = torch.tensor([[1.0, 0.2], [0.9, 0.1], [-1.0, 0.05]])  # two close to key 0, one close to nothing
+    ev_v = torch.tensor([[10.0, 0.0], [20.0, 0.0], [30.0, 0.0]])
+    k, v, best = merge(kept_k, kept_v, ev_k, ev_v, tau=0.5)
+    u = torch.tensor([1.0 / math.sqrt(1.04), 0.9 / math.sqrt(0.82)])  # cos with kept key 0
+    assert best[:2].tolist() == pytest.approx(u.tolist(), abs=1e-6)
+    denom = math.e + u.exp().sum()  # per kept token: self term e plus the merged tokens' exp(u)
+    want_k0 = (math.e * kept_k[0] + u[0].exp() * ev_k[0] + u[1].exp() * ev_k[1]) / denom
+    want_v0 = (math.e * kept_v[0] + u[0].exp() * ev_v[0] + u[1].exp() * ev_v[1]) / denom
+    assert torch.allclose(k[0], want_k0) and torch.allclose(v[0], want_v0)
+    # Kept key 1 only attracts the third token, whose best similarity (0.05 / |e|) is below tau: unchanged.
+    assert torch.equal(k[1], kept_k[1]) and torch.equal(v[1], kept_v[1])
+
+
+# ---- on the tiny model --------------------------------------------------------------------------------
+KEEP_ALL = {
+    "pyramid": lambda: PyramidInfer(decay=1.0, gen_compress=1.0, gen_decay=1.0),
+    "d2o": lambda: D2O(min_budget=10**6),
+    "razor": lambda: __import__("kvchat.methods.razor", fromlist=["x"]).RazorAttention(
+        echo_ratio=1.0, calib_tokens=16, calib_repeats=2),
+}
+
+
+@pytest.mark.parametrize("name", list(KEEP_ALL))
+def test_keep_everything_equals_full(tiny, home, name):
+    ids = prompt(200)
+    full, _ = run(tiny, [], ids)
+    got, eng = run(tiny, [KEEP_ALL[name]()], ids)
+    assert got.token_ids == full.token_ids
+    assert got.kv["bytes_held"] >= full.kv["bytes_held"]  # nothing evicted (razor adds a bias pool)
+
+
+def test_pyramid_drops_hidden_states_and_compacts(tiny):
+    ids = prompt(400)
+    m = PyramidInfer(recent_ratio=0.1, decay=0.5, min_context=16)
+    res, eng = run(tiny, [m], ids, n=40)
+    kept = [l[0] for l in eng.store.tokens_kept(0)]
+    assert kept[0] == 400 + 39 and kept[-1] < kept[1] < kept[0]  # the 40th token is sampled, not fed
+    assert eng.runner.stats["prefill_layer_tokens"] < 6 * 400  # later layers ran on fewer tokens
+    assert res.kv["saved"] > 0.2
+
+
+def test_pyramid_decode_counts_per_layer(tiny):
+    ids = prompt(100)
+    m = PyramidInfer(recent_ratio=0.1, decay=0.5, min_context=16, gen_block=8)
+    _, eng = run(tiny, [m], ids, n=0)
+    after_prefill = [l[0] for l in eng.store.tokens_kept(0)]
+    res, eng = run(tiny, [PyramidInfer(recent_ratio=0.1, decay=0.5, min_context=16, gen_block=8)], ids, n=60)
+    final = [l[0] for l in eng.store.tokens_kept(0)]
+    # Only generated tokens are compressed: no layer loses prompt tokens during decode (the official
+    # layer-0 counter re-compressed them every step), and the deepest layer keeps the fewest.
+    keep = eng.methods[0]._gen_keep
+    for l, (a, b) in enumerate(zip(after_prefill, final)):
+        assert a <= b <= a + 59 and (b - a) >= 59 - (59 // 8) * (8 - keep[l])
+    assert final[-1] - after_prefill[-1] < final[0] - after_prefill[0]
+
+
+def test_d2o_bounded_decode_and_budgets(tiny):
+    ids = prompt(300)
+    m = D2O(ratio=0.2, min_budget=32)
+    res, eng = run(tiny, [m], ids, n=80)
+    st = eng.methods[0]._slots[0]
+    kept = eng.store.tokens_kept(0)
+    for l, b in enumerate(st.budgets):
+        if b is None:
+            assert kept[l] == [379, 379]
+        else:
+            assert all(b <= n < b + eng.store.block_size for n in kept[l])
+    assert res.kv["saved"] > 0.3
+
+
+def test_razor_heads_window_and_compensation(tiny, home):
+    from kvchat.methods.razor import RazorAttention
+
+    ids = prompt(300)
+    full, feng = run(tiny, [], ids, n=0)
+    m = RazorAttention(sink=2, recent=32, window_ratio=0.0, echo_ratio=0.1, induction_ratio=0.1,
+                       calib_tokens=16, calib_repeats=2)
+    res, eng = run(tiny, [m], ids, n=0)
+    W = 32
+    for l, heads in enumerate(eng.store.tokens_kept(0)):
+        for h, n in enumerate(heads):
+            assert n == (300 if h in eng.methods[0].heads[l] else 2 + 1 + W)
+    # Layer 0 sees the same input either way: its compensation token is the mean of the dropped K/V
+    # and its logit bias is ln(count).
+    l0 = eng.store.layers[0]
+    h = next(h for h in range(2) if h not in eng.methods[0].heads[0])
+    k, v, pos, bias = l0.read(0, h, torch.tensor([2]))
+    fk, fv, *_ = feng.store.layers[0].read(0, h, torch.arange(2, 300 - W))
+    assert torch.allclose(k[0], fk.mean(0), atol=1e-5) and torch.allclose(v[0], fv.mean(0), atol=1e-5)
+    assert bias[0].item() == pytest.approx(math.log(300 - W - 2))
+    assert int(pos[0]) == 300 - W - 1
+
+
+def test_razor_running_mean_during_decode(tiny, home):
+    from kvchat.methods.razor import RazorAttention
+
+    m = RazorAttention(sink=2, recent=32, window_ratio=0.0, echo_ratio=0.0, induction_ratio=0.0,
+                       calib_tokens=16, calib_repeats=2)
+    res, eng = run(tiny, [m], prompt(100), n=70)
+    for heads in eng.store.tokens_kept(0):
+        assert all(2 + 1 + 32 <= n <= 2 + 1 + 32 + eng.store.block_size for n in heads)
+    l0 = eng.store.layers[0]
+    _, _, _, bias = l0.read(0, 0, torch.tensor([2]))
+    n_kept = int(l0.lengths[0, 0])
+    assert bias[0].item() == pytest.approx(math.log(100 + 69 - (n_kept - 1)))
+
+
+def test_razor_calibration_deterministic_and_cached(tiny, home):
+    from kvchat.calibration import calibrate
+    from kvchat.calibration.razor import random_repeats, score_heads
+    from kvchat.methods.razor import RazorAttention
+
+    assert torch.equal(random_repeats(256, 16, 4, 7, 1), random_repeats(256, 16, 4, 7, 1))
+    assert not torch.equal(random_repeats(256, 16, 4, 7, 1), random_repeats(256, 16, 4, 8, 1))
+    a, b = score_heads(tiny, 16, 3, seed=7), score_heads(tiny, 16, 3, seed=7)
+    assert a == b
+    path = calibrate(tiny, RazorAttention(calib_tokens=16, calib_repeats=3, calib_seed=7))
+    assert path.is_file() and path.is_relative_to(home / "calibrations" / "tiny-llama")
+    assert calibrate(tiny, PyramidInfer()) is None  # no calibration needed

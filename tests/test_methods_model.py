@@ -1,0 +1,71 @@
+"""pyramid, razor and d2o on the embedded SmolLM2: needle retrieval, savings, bounded decode, calibration.
+
+The full 6-depth needle run with timings is benchmarks/bench_methods.py; these tests take two depths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _bench()
+TARGET = {"pyramid": 0.50, "razor": 0.35, "d2o": 0.40}
+
+
+@pytest.fixture(scope="module")
+def lm(embedded):
+    return embedded
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    return [(bench.needle_prompt(lm.tokenizer, 1600, d, k), k) for d, k in ((0.2, 48213), (0.6, 90517))]
+
+
+PYRAMID_MISSES = pytest.mark.xfail(
+    reason="at <= 50% of bytes_full the needle's hidden states are dropped by layer ~13 on SmolLM2-135M: "
+    "the last window's attention there favours sinks, punctuation and recent filler, not the key", strict=False)
+
+
+@pytest.mark.parametrize("name", [pytest.param("pyramid", marks=PYRAMID_MISSES), "razor", "d2o"])
+def test_needle_found_with_savings(lm, prompts, name):
+    r = bench.run_needles(lm, name, prompts)
+    assert r["found"] == len(prompts), r
+    assert r["held"] <= TARGET[name], r
+
+
+@pytest.mark.parametrize("name", ["razor", "d2o"])
+def test_decode_held_bytes_bounded(lm, prompts, name):
+    marks = bench.forced_decode(lm, name, prompts[0][0], steps=96, every=32)
+    grown = [h - marks[0][1] for _, h, _ in marks]
+    per_token = lm.desc.kv_bytes_per_token
+    # d2o: each compressed layer holds budget..budget + one block; razor: only retrieval heads grow.
+    assert grown[-1] < 0.3 * 96 * per_token, marks
+    assert all(h / f <= TARGET[name] for _, h, f in marks), marks
+
+
+def test_razor_calibration_finds_heads_and_is_deterministic(lm, tmp_path, monkeypatch):
+    from kvchat.calibration import calibrate, retrieval_heads, score_heads
+    from kvchat.calibration.cache import read_json
+    from kvchat.methods.razor import RazorAttention
+
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path))
+    assert score_heads(lm, 32, 3, seed=5) == score_heads(lm, 32, 3, seed=5)
+    data = read_json(calibrate(lm, RazorAttention()))
+    heads = retrieval_heads(data, 0.01, 0.14)
+    assert 12 <= sum(map(len, heads)) <= 16  # ceil(0.01 x 90) + ceil(0.14 x 90), minus overlap
+    assert max(max(row) for row in data["induction"]) > 0.5  # real induction heads, not noise

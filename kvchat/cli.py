@@ -154,6 +154,41 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
               max_kv_bytes=max_kv_bytes, progress=progress)
 
 
+@main.command()
+@click.option("--model", "-m", default=None, help=f"Model to calibrate for [default {EMBEDDED}]. Env KVCHAT_MODEL.")
+@click.option("--profile", "-p", default=None, help="Profile whose methods to calibrate. Env KVCHAT_PROFILE.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where to run [default auto].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", help="Weights dtype [default auto].")
+@user_errors
+def calibrate(model, profile, device, dtype):
+    """Run (again) the calibrations a profile's methods need, and cache them under KVCHAT_HOME.
+
+    Methods calibrate on first use anyway; this runs it ahead of time or refreshes it.
+
+    \b
+    Examples:
+      kvchat calibrate -p razor
+      kvchat calibrate -p razor -m ./my-llama
+    """
+    from kvchat.calibration import calibrate as run
+    from kvchat.loading import quiet_transformers
+    from kvchat.model import load_model
+    from kvchat.profiles import load_profile
+
+    prof = load_profile(profile or os.environ.get("KVCHAT_PROFILE") or "full")
+    quiet_transformers()
+    lm = load_model(model or os.environ.get("KVCHAT_MODEL") or EMBEDDED, device, dtype,
+                    progress=lambda m: click.echo(m, err=True))
+    done = 0
+    for m in prof.methods:
+        path = run(lm, m, progress=lambda msg: click.echo(msg, err=True))
+        if path is not None:
+            done += 1
+            click.echo(f"{m.name}: calibrated for {lm.desc.name} -> {path}")
+    if not done:
+        click.echo(f"profile {prof.name} needs no calibration ({prof.describe()})")
+
+
 @main.group()
 def profiles():
     """List and inspect compression profiles."""

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py [--lengths 512 2048] [--batches 1 4] [--new 32] [--profile full]
 
-Both run greedy, fp32, on the same prompts in the same process; ratios are kvchat / HF (higher = faster
+Both run greedy, in the same dtype (--dtype, default float32), on the same prompts in the same process; ratios are kvchat / HF (higher = faster
 for tokens/s, lower = faster for prefill). HF decode tokens/s = B * (new - 1) / (t(generate new) - t(generate 1)).
 """
 
@@ -67,14 +67,15 @@ def main():
     ap.add_argument("--new", type=int, default=32, help="tokens generated per sequence")
     ap.add_argument("--profile", default="full")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides run in it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     quiet_transformers()
-    lm = load_model(device="cpu", dtype="float32")
+    lm = load_model(device="cpu", dtype=a.dtype)
     profile = load_profile(a.profile)
     warm = prompts(lm.tokenizer, 64, 1)
     bench_hf(lm, warm, 4), bench_kvchat(lm, profile, warm, 4)
-    print(f"SmolLM2-135M fp32, {a.threads} threads, {a.new} new tokens; kvchat profile {a.profile}")
+    print(f"SmolLM2-135M {a.dtype}, {a.threads} threads, {a.new} new tokens; kvchat profile {a.profile}")
     hdr = f"{'prompt':>6} {'batch':>5} | {'HF prefill s':>12} {'kvchat prefill s':>16} {'ratio':>6} | " \
           f"{'HF tok/s':>8} {'kvchat tok/s':>12} {'ratio':>6} | {'KV saved':>8}"
     print(hdr)

@@ -28,7 +28,7 @@ def common_options(f):
         click.option("--seed", type=int, default=None, help="Random seed for sampling (per request in batch mode)."),
         click.option("--system", default=None, help="System prompt."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to run [default auto]."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None, help="Weights and KV dtype [default auto: float32 on CPU, bfloat16 on CUDA]."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None, help="Weights and KV dtype [default auto: bfloat16 on CUDA and on CPUs with native bf16, else float32]."),
         click.option("--truncate", type=click.Choice(["error", "left"]), default=None, help="A prompt longer than the context: error (default) or keep its end."),
     ]
     for o in reversed(opts):

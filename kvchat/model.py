@@ -71,10 +71,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 in hardware (AVX512-BF16 or AMX)? Then bf16 weights decode ~2.5x
+    faster than fp32 (half the bytes per token, and fp32 GEMMs with a few rows take a slow path)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        # fp32 on CPU: exact against HF and the interpreter; bf16 on GPU where it is the native width.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bf16 where the hardware computes in it (GPUs, CPUs with AVX512-BF16/AMX); fp32 elsewhere,
+        # where bf16 would be emulated and slower.
+        if device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]

@@ -28,7 +28,6 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 # tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton; if triton was imported
 # without it, the kernels would try to compile for a GPU: fail loudly rather than skip.
 IN_PROCESS = CUDA or isinstance(_tl_standard.zeros, InterpretedFunction)
-in_process = pytest.mark.usefixtures()  # kept so the tests below read as before
 
 # importlib: the package re-exports functions named like two of its modules (prefill_attention)
 PA = importlib.import_module("kvchat_kernels.paged_attention")
@@ -76,7 +75,6 @@ def make_store(lengths, block_size, D, dtype, extra_blocks=2, seed=0):
     return (k.to(dev), v.to(dev), table.view(B, Hkv, max_blocks).to(dev), lengths.to(dev), bias.to(dev))
 
 
-@in_process
 def test_runs_under_interpreter_without_cuda():
     if not CUDA:
         for kernel in (PA._decode_partial_kernel, PA._decode_merge_kernel, PA._decode_colsum_kernel,
@@ -89,7 +87,6 @@ def test_runs_under_interpreter_without_cuda():
 DECODE_LENGTHS = [[37, 0], [1, 1], [70, 45]]  # ragged, an empty head, a single-token slot, several blocks
 
 
-@in_process
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("colsum", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -113,7 +110,6 @@ def test_decode_matches_ref(D, G, with_bias, colsum, dtype):
     assert out[0, G : 2 * G].abs().sum() == 0  # empty head: zeros, not NaN
 
 
-@in_process
 @pytest.mark.parametrize("num_splits,block_n", [(1, 16), (3, 16), (7, 16), (2, 32), (64, 16)])
 def test_decode_split_k(num_splits, block_n):
     dtype = torch.float32
@@ -126,7 +122,6 @@ def test_decode_split_k(num_splits, block_n):
     assert_close(got[1], want[1], dtype, f"colsum, {num_splits} splits")
 
 
-@in_process
 @pytest.mark.parametrize("D", [64, 80])
 def test_decode_odd_block_size_and_strided_q(D):
     # block_size 12 (not a power of two), head_dim 80 (padded to 128), q a slice of a fused-QKV-like tensor
@@ -141,7 +136,6 @@ def test_decode_odd_block_size_and_strided_q(D):
     assert_close(got[1], want[1], dtype, "colsum")
 
 
-@in_process
 def test_decode_all_empty():
     k, v, table, lengths, _ = make_store([[0, 0]], 16, 64, torch.float32)
     q = torch.randn(1, 4, 64).to(DEVICE)
@@ -173,7 +167,6 @@ def _check_prefill(q, k, v, table, lens, bias, last_w, dtype, **tiles):
     return got
 
 
-@in_process
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("last_w", [0, 3, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -194,7 +187,6 @@ def test_prefill_matches_ref(D, G, with_bias, last_w, dtype):
      ([1, 1], 1),  # a single-token sequence
      ([70, 33, 50], 20)],  # several blocks, three heads
 )
-@in_process
 def test_prefill_shapes(lengths, T, with_bias):
     dtype = torch.float32
     q, k, v, table, lens, bias = _prefill_case(lengths, T, 3, 64, dtype, seed=T)
@@ -202,7 +194,6 @@ def test_prefill_shapes(lengths, T, with_bias):
     assert not torch.isnan(got[0]).any()
 
 
-@in_process
 @pytest.mark.parametrize("block_r,block_n,D", [(16, 16, 64), (32, 64, 64), (128, 16, 64), (32, 32, 80)])
 def test_prefill_tiles(block_r, block_n, D):
     dtype = torch.float32
@@ -222,7 +213,6 @@ def _pools(dtype, n_blocks=9, bs=12, D=64):
     ]
 
 
-@in_process
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N", [0, 1, 29])
 def test_store_write_and_gather(N, dtype):

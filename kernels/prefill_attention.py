@@ -31,8 +31,8 @@ except Exception:  # pragma: no cover - machines without triton use the referenc
 def _gather_seq(pool, block_table, lengths):
     bs = pool.shape[1]
     n_blocks = max(1, -(-int(lengths.max()) // bs))
-    g = pool[block_table[:, :n_blocks].long()]  # (H_kv, MB, bs, ...)
-    return g.reshape(block_table.shape[0], n_blocks * bs, *pool.shape[2:])
+    g = pool.index_select(0, block_table[:, :n_blocks].reshape(-1).long())  # (H_kv * MB, bs, ...)
+    return g.view(block_table.shape[0], n_blocks * bs, *pool.shape[2:])
 
 
 def _visible(lengths, T, L, q_from=0):

@@ -45,12 +45,20 @@ def pivotal(scores: torch.Tensor, positions: torch.Tensor, k: int, sink: int) ->
     return torch.topk(s, k).indices.sort().values
 
 
-def distance_scores(rows: torch.Tensor, weight: float, pool: int = 1) -> torch.Tensor:
-    """rows (H_q, w, L) attention probabilities -> (L,) head-mean, later queries weighted up to `weight`,
-    then max-pooled over `pool` neighbouring tokens (odd; 1 = off)."""
+def distance_scores(rows: torch.Tensor, weight: float, pool: int = 1, heads: str = "mean",
+                    groups: int = 1) -> torch.Tensor:
+    """rows (H_q, w, L) attention probabilities -> (L,): later queries weighted up to `weight` and
+    averaged, heads reduced by `heads` (mean | max | group: max within each of `groups` KV groups, then
+    mean), then max-pooled over `pool` neighbouring tokens (odd; 1 = off)."""
     w = rows.shape[1]
-    dist = torch.linspace(1.0, weight, w, device=rows.device).view(w, 1)
-    s = (rows.mean(0) * dist).mean(0)
+    dist = torch.linspace(1.0, weight, w, device=rows.device).view(1, w, 1)
+    per_head = (rows * dist).mean(1)  # (H_q, L)
+    if heads == "max":
+        s = per_head.max(0).values
+    elif heads == "group":
+        s = per_head.view(groups, -1, per_head.shape[-1]).max(1).values.mean(0)
+    else:
+        s = per_head.mean(0)
     if pool > 1:
         s = F.max_pool1d(s.view(1, 1, -1), pool, stride=1, padding=pool // 2).view(-1)
     return s
@@ -75,6 +83,11 @@ class PyramidInfer(Method):
     gen_compress: float = 0.9
     gen_decay: float = 0.1
     pool: int = 7
+    obs_window: int = 0
+    heads: str = "mean"
+    start_layer: int = 1
+    schedule: str = "product"
+    carry: float = 0.0
 
     def __post_init__(self):
         self._float("recent_ratio", lo=0.0, hi=1.0, lo_open=True)
@@ -88,36 +101,59 @@ class PyramidInfer(Method):
         self._int("pool", lo=1)
         if self.pool % 2 == 0:
             raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
-        self._w = 0  # rows wanted for the chunk being prefilled (r + 1)
+        self._int("obs_window", lo=0)
+        if self.heads not in ("mean", "max", "group"):
+            raise self._err("heads", "must be mean, max or group", self.heads)
+        self._int("start_layer", lo=1)
+        if self.schedule not in ("product", "absolute"):
+            raise self._err("schedule", "must be product or absolute", self.schedule)
+        self._float("carry", lo=0.0, hi=1.0)
+        self._w = 0  # recent window of the chunk being prefilled (r + 1), always kept
+        self._rows = 0  # scoring queries of the chunk: obs_window, or r + 1 when it is 0
+        self._c0 = 0  # the chunk's context length at layer 0 (base of the absolute schedule)
+        self._acc = None  # (C,) scores carried from earlier layers for the context tokens still alive
         self._slots: dict[int, _SlotState] = {}
 
     def bind(self, desc, lm=None, progress=None) -> None:
         super().bind(desc, lm, progress)
         L = desc.n_layers
-        self._prefill_s = [cosine_schedule(l, L, self.decay) for l in range(L)]
+        a = self.start_layer - 1  # layers before start_layer keep everything
+        self._prefill_s = [1.0 if l <= a else cosine_schedule(l - a, L - a, self.decay) for l in range(L)]
         self._gen_keep = [max(int(self.gen_block * self.gen_compress * cosine_schedule(l, L, self.gen_decay)), 1)
                           for l in range(L)]
 
     # ---- prefill -----------------------------------------------------------------------------------
     def prefill_rows(self, layer: int) -> int:
-        return self._w if self._prefill_s[layer] < 1 else 0
+        return self._rows if self._prefill_s[layer] < 1 or (self.carry > 0 and layer > 0) else 0
 
     def after_prefill_layer(self, ctx: PrefillCtx):
         T = ctx.positions.shape[0]
         if ctx.layer == 0:  # layer 0 sees the whole chunk: fix the recent window for this chunk
             self._w = int(self.recent_ratio * T) + 1
+            self._rows = self.obs_window or self._w
+            self._c0 = T - min(self._w, T)
+            self._acc = None
             self._slots[ctx.slot] = _SlotState(recent=self._w - 1, pending=[0] * self.desc.n_layers,
                                                scores=[None] * self.desc.n_layers)
         s = self._prefill_s[ctx.layer]
         C = T - min(self._w, T)  # context tokens of the chunk still in the residual stream
-        if s >= 1 or ctx.rows is None or C <= self.min_context:
-            return None
-        k = max(int(C * s), self.min_context)
-        if k >= C:
+        if ctx.rows is None or C <= 0:
             return None
         start = ctx.chunk_start[0]  # pyramid keeps every head alike, so all heads share one offset
-        scores = distance_scores(ctx.rows, self.distance_weight, self.pool)[start : start + C]
-        keep = torch.cat([pivotal(scores, ctx.positions[:C], k, self.sink), torch.arange(C, T)])
+        scores = distance_scores(ctx.rows, self.distance_weight, self.pool, self.heads,
+                                 self.desc.n_kv_heads)[start : start + C]
+        if self.carry > 0:
+            scores = scores / scores.sum().clamp(min=1e-30)
+            if self._acc is not None:
+                scores = scores + self.carry * self._acc
+            self._acc = scores
+        k = max(int((self._c0 if self.schedule == "absolute" else C) * s), self.min_context)
+        if s >= 1 or k >= C:
+            return None
+        top = pivotal(scores, ctx.positions[:C], k, self.sink)
+        if self._acc is not None:
+            self._acc = self._acc[top]
+        keep = torch.cat([top, torch.arange(C, T)])
         if ctx.store.owns(ctx.layer):
             st = ctx.store.layers[ctx.layer]
             st.compact(ctx.slot, [torch.cat([torch.arange(b), b + keep]) for b in ctx.chunk_start])

@@ -11,7 +11,7 @@ import torch
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.errors import ProfileError
 from kvchat.methods.d2o import D2O, density, layer_budgets, merge
-from kvchat.methods.pyramid import PyramidInfer, cosine_schedule, distance_scores, pivotal
+from kvchat.methods.pyramid import PyramidInfer, carried, cosine_schedule, distance_scores, pivotal
 from kvchat.model import LoadedModel, describe
 from kvchat.profiles import Profile, load_profile, parse_profile
 
@@ -71,6 +71,9 @@ def test_shipped_profiles_load(name):
     ("d2o", {"budget": 3}, "unknown key d2o.budget; d2o accepts ratio, recent_share"),
     ("razor", {"window": 3}, "unknown key razor.window; razor accepts sink, recent"),
     ("pyramidinfer", {"sink": "four"}, "pyramidinfer.sink must be an integer, got 'four'"),
+    ("pyramidinfer", {"obs_window": -8}, "pyramidinfer.obs_window must be >= 0, got -8"),
+    ("pyramidinfer", {"heads": "min"}, "pyramidinfer.heads must be mean, max or group, got 'min'"),
+    ("pyramidinfer", {"carry": 1.5}, "pyramidinfer.carry must be <= 1.0, got 1.5"),
 ])
 def test_bad_parameters_are_one_line(method, params, needle):
     with pytest.raises(ProfileError) as e:
@@ -91,6 +94,24 @@ def test_distance_scores_weight_later_queries():
     rows[:, 1, 1] = 1.0  # the later query at token 1
     s = distance_scores(rows, 2.0)
     assert s[1] == pytest.approx(2 * s[0]) and s[2] == 0
+
+
+def test_distance_scores_head_reductions():
+    rows = torch.zeros(4, 1, 3)  # 4 query heads in 2 KV groups of 2
+    rows[0, 0, 0] = 1.0  # one head of group 0 looks at token 0
+    rows[1:, 0, 1] = 1.0  # the three other heads at token 1
+    assert distance_scores(rows, 1.0).tolist() == [0.25, 0.75, 0.0]
+    assert distance_scores(rows, 1.0, heads="max").tolist() == [1.0, 1.0, 0.0]
+    assert distance_scores(rows, 1.0, heads="group", groups=2).tolist() == [0.5, 1.0, 0.0]
+
+
+def test_carried_scores_keep_earlier_layers_credit():
+    first = torch.tensor([6.0, 1.0, 1.0, 2.0])  # token 0 is pivotal in the earlier layer...
+    second = torch.tensor([0.0, 3.0, 3.0, 4.0])  # ...and overlooked in this one
+    acc = carried(second, carried(first, None, 1.0), 1.0)
+    assert acc.tolist() == pytest.approx([0.6, 0.4, 0.4, 0.6])
+    assert pivotal(acc, torch.arange(4), k=2, sink=0).tolist() == [0, 3]
+    assert pivotal(carried(second, carried(first, None, 1.0), 0.0), torch.arange(4), 2, 0).tolist() != [0, 3]
 
 
 def test_cosine_schedule_ends():

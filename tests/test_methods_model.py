@@ -1,6 +1,6 @@
 """pyramid, razor and d2o on the embedded SmolLM2: needle retrieval, savings, bounded decode, calibration.
 
-The full 6-depth needle run with timings is benchmarks/bench_methods.py; these tests take two depths.
+The needle tests run benchmarks/bench_methods.py's six depths (issue 6: each method finds >= 5 of 6).
 """
 
 from __future__ import annotations
@@ -33,24 +33,26 @@ def lm(embedded):
 
 @pytest.fixture(scope="module")
 def prompts(lm):
-    return [(bench.needle_prompt(lm.tokenizer, 1600, d, k), k) for d, k in ((0.2, 48213), (0.6, 90517))]
+    return bench.needles(lm, 1600)  # 6 depths, the benchmark's prompts
 
 
-PYRAMID_MISSES = pytest.mark.xfail(
-    reason="at <= 50% of bytes_full the needle's hidden states are dropped by layer ~13 on SmolLM2-135M: "
-    "the last window's attention there favours sinks, punctuation and recent filler, not the key", strict=False)
-
-
-@pytest.mark.parametrize("name", [pytest.param("pyramid", marks=PYRAMID_MISSES), "razor", "d2o"])
+@pytest.mark.parametrize("name", ["pyramid", "razor", "d2o"])
 def test_needle_found_with_savings(lm, prompts, name):
     r = bench.run_needles(lm, name, prompts)
-    assert r["found"] == len(prompts), r
+    assert len(prompts) == 6 and r["found"] >= 5, r
     assert r["held"] <= TARGET[name], r
+
+
+def test_pyramid_prefill_faster_than_full(lm):
+    ids = bench.needle_prompt(lm.tokenizer, 2000, 0.5, 12345)
+    full, pyr = bench.prefill_time(lm, "full", ids), bench.prefill_time(lm, "pyramid", ids)
+    print(f"prefill {len(ids)} tokens: full {full:.2f} s, pyramid {pyr:.2f} s")
+    assert pyr < full, (full, pyr)
 
 
 @pytest.mark.parametrize("name", ["razor", "d2o"])
 def test_decode_held_bytes_bounded(lm, prompts, name):
-    marks = bench.forced_decode(lm, name, prompts[0][0], steps=96, every=32)
+    marks = bench.forced_decode(lm, name, prompts[1][0], steps=96, every=32)  # depth 20%
     grown = [h - marks[0][1] for _, h, _ in marks]
     per_token = lm.desc.kv_bytes_per_token
     # d2o: each compressed layer holds budget..budget + one block; razor: only retrieval heads grow.

@@ -9,7 +9,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.model]
@@ -43,11 +42,19 @@ def test_needle_found_with_savings(lm, prompts, name):
     assert r["held"] <= TARGET[name], r
 
 
-def test_pyramid_prefill_faster_than_full(lm):
+def test_pyramid_prefill_skips_dropped_tokens_in_later_layers(lm):
+    """The compute saving, counted rather than timed (benchmarks/bench_methods.py times it): the
+    layers after a selection never see the dropped tokens."""
+    from kvchat.engine import Engine, SamplingParams
+
     ids = bench.needle_prompt(lm.tokenizer, 2000, 0.5, 12345)
-    full, pyr = bench.prefill_time(lm, "full", ids), bench.prefill_time(lm, "pyramid", ids)
-    print(f"prefill {len(ids)} tokens: full {full:.2f} s, pyramid {pyr:.2f} s")
-    assert pyr < full, (full, pyr)
+    work = {}
+    for name in ("full", "pyramid"):
+        eng = Engine(lm, bench.profile(name))
+        eng.generate(ids, SamplingParams(max_new_tokens=1))
+        work[name] = eng.runner.stats["prefill_layer_tokens"]
+    assert work["full"] == len(ids) * lm.desc.n_layers
+    assert work["pyramid"] < 0.6 * work["full"], work
 
 
 @pytest.mark.parametrize("name", ["razor", "d2o"])

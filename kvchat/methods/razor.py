@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from kvchat.calibration.cache import cache_path, read_json, write_json
-from kvchat.calibration.razor import retrieval_heads, score_heads
 from kvchat.errors import KvchatError
 from kvchat.methods.base import Method
 
@@ -62,6 +61,8 @@ class RazorAttention(Method):
 
     def calibrate(self, lm, progress=None, force: bool = False):
         """Scores of every KV head on `lm`, computed once and cached; -> the cache file."""
+        from kvchat.calibration.razor import score_heads  # runs the model with a collector Method: import late
+
         path = cache_path(lm.desc.name, "razor", self.calib_params())
         if force or read_json(path) is None:
             if progress:
@@ -78,6 +79,8 @@ class RazorAttention(Method):
             if lm is None:
                 raise KvchatError(f"razor needs a calibration of {desc.name}; run `kvchat calibrate -p razor`")
             data = read_json(self.calibrate(lm, progress))
+        from kvchat.calibration.razor import retrieval_heads
+
         self.heads = retrieval_heads(data, self.echo_ratio, self.induction_ratio)
         self._retrieval = torch.zeros(desc.n_layers, desc.n_kv_heads, dtype=torch.bool)
         for layer, hs in enumerate(self.heads):

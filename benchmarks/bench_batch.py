@@ -13,7 +13,7 @@ how many requests decode at once (peak) and tokens/s.
 
 from __future__ import annotations
 
-import kvchat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads, as the CLI does)
+import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, as the CLI does)
 import argparse
 import json
 import random

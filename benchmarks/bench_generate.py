@@ -8,7 +8,7 @@ for tokens/s, lower = faster for prefill). HF decode tokens/s = B * (new - 1) / 
 
 from __future__ import annotations
 
-import kvchat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads, as the CLI does)
+import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, as the CLI does)
 import argparse
 import time
 

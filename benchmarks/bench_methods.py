@@ -10,7 +10,7 @@ time; then held bytes during 256 forced decode steps (EOS ignored), and full vs 
 
 from __future__ import annotations
 
-import kvchat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads, as the CLI does)
+import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, as the CLI does)
 import argparse
 import random
 import time

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-import kvchat  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
 import pytest
 import torch
 

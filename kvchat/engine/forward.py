@@ -59,11 +59,23 @@ class LayerWeights:
     act: object
 
 
-def _fuse(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
+def _storage(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """`w` (out, in) as a view over row-major (out, in) or (in, out) storage.
+
+    fp32 GEMV with one or two rows runs ~35% faster from (in, out) storage on this CPU (30 layers:
+    22 vs 34 ms); from four rows on, and in bf16, row-major (out, in) is as fast or faster."""
+    if transposed:
+        return w if w.stride(0) == 1 else w.t().contiguous().t()
+    return w.contiguous()
+
+
+def _fuse(linears: list[torch.nn.Linear], attr: str, transposed: bool) -> torch.Tensor | None:
     parts = [getattr(m, attr) for m in linears]
     if any(p is None for p in parts):
         return None
     fused = torch.cat([p.data for p in parts], dim=0)
+    if fused.dim() == 2:
+        fused = _storage(fused, transposed)
     # Point the HF modules at views of the fused tensor so the weights are not held twice.
     off = 0
     for m, p in zip(linears, parts):
@@ -73,29 +85,38 @@ def _fuse(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
     return fused
 
 
-def layer_weights(layer) -> LayerWeights:
+def _relayout(linear: torch.nn.Module, transposed: bool) -> torch.Tensor:
+    linear.weight.data = _storage(linear.weight.data, transposed)
+    return linear.weight
+
+
+def layer_weights(layer, transposed: bool = False) -> LayerWeights:
     a, mlp = layer.self_attn, layer.mlp
-    w_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "weight")
-    b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "bias")
-    w_gu = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
+    w_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "weight", transposed)
+    b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "bias", transposed)
+    w_gu = _fuse([mlp.gate_proj, mlp.up_proj], "weight", transposed)
     return LayerWeights(
         in_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, w_qkv=w_qkv, b_qkv=b_qkv,
-        q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None), w_o=a.o_proj.weight,
-        b_o=a.o_proj.bias, w_gate_up=w_gu, w_down=mlp.down_proj.weight, act=mlp.act_fn,
+        q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None), w_o=_relayout(a.o_proj, transposed),
+        b_o=a.o_proj.bias, w_gate_up=w_gu, w_down=_relayout(mlp.down_proj, transposed), act=mlp.act_fn,
     )
 
 
 class Runner:
     """Forward passes for prefill (one slot, a chunk of tokens) and decode (several slots, one token each)."""
 
-    def __init__(self, lm, methods=()):
+    def __init__(self, lm, methods=(), max_slots: int = 1):
         hf = lm.hf
         self.desc = d = lm.desc
         self.embed = hf.model.embed_tokens
         self.rotary = hf.model.rotary_emb
         self.norm = hf.model.norm
         self.lm_head = hf.lm_head
-        self.layers = [layer_weights(l) for l in hf.model.layers]
+        # Weight layout for the GEMMs this runner will mostly do (see _storage); the HF modules keep
+        # views of the same storage, so nothing is held twice.
+        self.transposed = d.dtype == torch.float32 and d.device.type == "cpu" and max_slots <= 2
+        self.layers = [layer_weights(l, self.transposed) for l in hf.model.layers]
+        _relayout(self.lm_head, self.transposed)  # tied to the embedding: row lookups don't mind
         self.scale = getattr(hf.model.layers[0].self_attn, "scaling", d.head_dim**-0.5)
         self.n_q, self.n_kv, self.D = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.head_dim
         self.methods = list(methods)

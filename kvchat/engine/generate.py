@@ -78,7 +78,7 @@ class Engine:
         aliases: dict[int, int] = {}
         for m in self.methods:
             aliases.update(m.aliases(self.desc))
-        self.runner = Runner(lm, self.methods)
+        self.runner = Runner(lm, self.methods, max_slots=max_slots)
         self.store = KVStore(self.desc, max_slots, block_size, with_bias=any(m.needs_bias() for m in self.methods),
                              aliases=aliases)
         self.max_slots = max_slots

@@ -147,10 +147,10 @@ class Runner:
     def prefill(self, store, slot: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run a chunk for one slot on top of what the store holds; -> logits of the chunk's last token."""
         x = self.embed(ids)  # (T, hidden)
+        cos, sin = self._rope_tables(x, positions)  # (T, 1, D), gathered alongside x when tokens drop
         self.stats["prefill_tokens"] += ids.shape[0]
         for li, lw in enumerate(self.layers):
             self.stats["prefill_layer_tokens"] += x.shape[0]
-            cos, sin = self._rope_tables(x, positions)
             q, k, v = self._qkv(lw, lw.in_norm(x), cos, sin)
             st = store.layers[li]
             start = st.lengths[slot].tolist()
@@ -170,7 +170,7 @@ class Runner:
             for m in self.methods:
                 keep = m.after_prefill_layer(PrefillCtx(li, slot, store, positions, rows, start))
                 if keep is not None:  # the method dropped tokens from the residual stream
-                    x, positions = x[keep], positions[keep]
+                    x, positions, cos, sin = x[keep], positions[keep], cos[keep], sin[keep]
         return self.logits(x[-1:])[0]
 
     @torch.no_grad()

@@ -42,10 +42,8 @@ class Session:
         if profile is not None:
             self.profile = profile
             self.engine = Engine(self.lm, profile, max_slots=1, truncate=self.truncate)
-        else:
-            self.engine.store.free_slot(0)
+        self._drop_store()
         self.messages, self.turns = [], []
-        self._fed_text, self._pos = "", 0
 
     def _drop_store(self) -> None:
         self.engine.store.free_slot(0)

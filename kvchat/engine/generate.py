@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from kvchat.cache import KVStore
+from kvchat.cache.usage import Usage
 from kvchat.engine.forward import Runner
 from kvchat.engine.sampling import SamplingParams, find_stop, sample
 from kvchat.errors import PromptTooLong
@@ -181,18 +182,31 @@ class Engine:
         for i, s in enumerate(seqs):
             self._accept(s, logits[i], on_token)
 
+    def usage(self, slot: int) -> Usage:
+        """KV bytes of the sequence in `slot`: the one way callers read memory figures."""
+        st = self.store
+        return Usage(st.slot_held(slot), st.slot_full(slot), st.slot_peak_held[slot], st.slot_peak_full[slot],
+                     st.seen[slot])
+
+    def run_usage(self) -> tuple[Usage, Usage]:
+        """(peak, average) over every update of this engine's store: all slots together."""
+        st = self.store
+        n = st.n_notes
+        avg_h, avg_f = (round(st.sum_held / n), round(st.sum_full / n)) if n else (0, 0)
+        return (Usage(st.peak_held, st.peak_full, st.peak_held, st.peak_full),
+                Usage(avg_h, avg_f, st.peak_held, st.peak_full))
+
+    def kept(self, slot: int) -> list[list[int]]:
+        """Per layer, per KV head: tokens stored for `slot` (a layer sharing another's store reports it)."""
+        return self.store.tokens_kept(slot)
+
     def result(self, seq: Seq) -> Result:
-        st, s = self.store, seq.slot
-        held, full = st.slot_held(s), st.slot_full(s)
         wall = time.perf_counter() - seq.t0
         decode_s = max(wall - seq.t_prefill, 1e-9)
         n = len(seq.out)
         return Result(
             id=seq.req.id, text=seq.text, token_ids=list(seq.out), finish_reason=seq.finish or "length",
-            prompt_tokens=len(seq.req.prompt_ids),
-            kv={"profile": self.profile.name, "bytes_held": held, "bytes_full": full,
-                "saved": round(1 - held / full, 4) if full else 0.0,
-                "peak_bytes_held": st.slot_peak_held[s], "peak_bytes_full": st.slot_peak_full[s]},
+            prompt_tokens=len(seq.req.prompt_ids), kv=self.usage(seq.slot).record(self.profile.name),
             timing={"prefill_s": round(seq.t_prefill, 4), "decode_s": round(decode_s, 4),
                     "tokens_per_s": round(n / decode_s, 2) if n else 0.0},
         )

@@ -171,6 +171,7 @@ def calibrate(model, profile, device, dtype):
       kvchat calibrate -p razor -m ./my-llama
     """
     from kvchat.calibration import calibrate as run
+    from kvchat.engine.probe import make_probe
     from kvchat.loading import quiet_transformers
     from kvchat.model import load_model
     from kvchat.profiles import load_profile
@@ -180,8 +181,9 @@ def calibrate(model, profile, device, dtype):
     lm = load_model(model or os.environ.get("KVCHAT_MODEL") or EMBEDDED, device, dtype,
                     progress=lambda m: click.echo(m, err=True))
     done = 0
+    probe = make_probe(lm, progress=lambda msg: click.echo(msg, err=True))
     for m in prof.methods:
-        path = run(lm, m, progress=lambda msg: click.echo(msg, err=True))
+        path = run(probe, m)
         if path is not None:
             done += 1
             click.echo(f"{m.name}: calibrated for {lm.desc.name} -> {path}")

@@ -17,6 +17,8 @@ import torch
 from kvchat.cache import KVStore
 from kvchat.cache.usage import Usage
 from kvchat.engine.forward import Runner
+from kvchat.engine.layout import build_formats, resolve_aliases
+from kvchat.engine.probe import Probe
 from kvchat.engine.sampling import SamplingParams, find_stop, sample
 from kvchat.errors import PromptTooLong
 from kvchat.profiles import Profile, fresh
@@ -74,14 +76,16 @@ class Engine:
         self.lm, self.desc, self.tok = lm, lm.desc, lm.tokenizer
         self.profile = fresh(profile)
         self.methods = self.profile.methods
-        for m in self.methods:
-            m.bind(self.desc, lm, progress)
-        aliases: dict[int, int] = {}
-        for m in self.methods:
-            aliases.update(m.aliases(self.desc))
         self.runner = Runner(lm, self.methods, max_slots=max_slots)
-        self.store = KVStore(self.desc, max_slots, block_size, with_bias=any(m.needs_bias() for m in self.methods),
-                             aliases=aliases)
+        self.probe = Probe(self.runner, lm, progress)
+        for m in self.methods:
+            m.bind(self.desc, self.probe)
+        aliases = resolve_aliases(self.methods, self.desc)
+        with_bias = any(m.needs_bias() for m in self.methods)
+        pinned = max((m.pinned() for m in self.methods), default=0)
+        formats = build_formats(self.methods, self.desc, max_slots, block_size, with_bias, pinned, aliases)
+        self.store = KVStore(self.desc, max_slots, block_size, with_bias=with_bias, aliases=aliases,
+                             formats=formats, listeners=self.methods)
         self.max_slots = max_slots
         self.prefill_chunk = prefill_chunk
         self.truncate = truncate
@@ -117,6 +121,7 @@ class Engine:
             self.store.seen[seq.slot] += len(part)
             for m in self.methods:
                 m.after_prefill(self.store, seq.slot)
+            self.store.seal([seq.slot])
         self.store.note([seq.slot])
         self.store.trim()
         seq.prefilled += len(ids)
@@ -165,20 +170,28 @@ class Engine:
         self._accept(seq, self.prefill(seq, ids), on_token)
         return seq
 
-    def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
-        """One decode step for every live sequence in `seqs`."""
+    def feed(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
+        """One decode step feeding `tokens[i]` to `seqs[i]` (sampled, or forced for teacher-forced
+        scoring); the methods and formats run as in generation. -> logits (B, vocab)."""
         dev = self.desc.device
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        ids = torch.tensor([s.last for s in seqs], device=dev)
+        slots = [s.slot for s in seqs]
+        slots_t = torch.tensor(slots, device=dev)
+        ids = torch.tensor(tokens, device=dev)
         pos = torch.tensor([s.pos for s in seqs], device=dev)
-        logits = self.runner.decode(self.store, slots, ids, pos)
+        logits = self.runner.decode(self.store, slots, slots_t, ids, pos)
         for s in seqs:
             s.pos += 1
             s.n_fed += 1
             self.store.seen[s.slot] += 1
         for m in self.methods:
-            m.after_decode(self.store, slots.tolist())
-        self.store.note(slots.tolist())
+            m.after_decode(self.store, slots)
+        self.store.seal(slots)
+        self.store.note(slots)
+        return logits
+
+    def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
+        """One decode step for every live sequence in `seqs`."""
+        logits = self.feed(seqs, [s.last for s in seqs])
         for i, s in enumerate(seqs):
             self._accept(s, logits[i], on_token)
 

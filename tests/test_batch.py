@@ -72,7 +72,7 @@ def test_mixed_file_gives_one_line_per_input_line_in_order(embedded, tmp_path):
     r = ok["france"]
     assert list(r) == ["id", "text", "finish_reason", "usage", "kv", "timing"]
     assert r["usage"]["prompt_tokens"] > 10 and r["finish_reason"] in ("stop", "length")
-    assert set(r["kv"]) == {"profile", "bytes_held", "bytes_full", "saved", "peak_bytes_held", "peak_bytes_full"}
+    assert set(r["kv"]) == {"profile", "bytes_held", "bytes_full", "saved", "overhead", "peak_bytes_held", "peak_bytes_full"}
     assert set(r["timing"]) == {"prefill_s", "decode_s", "tokens_per_s"}
     assert all(e["type"] == "invalid_request" for e in errors.values())
     assert errors[4]["message"].startswith("line 4: empty line")

@@ -60,6 +60,18 @@ class Format:
     def trim(self) -> None:
         """Give back pool storage that eviction left unused."""
 
+    def reposition(self, slot: int, new_pos, rotate) -> None:
+        """Give every stored token of `slot` the position `new_pos(old positions)` and re-rotate its key
+        (`rotate(k, old, new)`): a conversation past the model's positions goes on (StreamingLLM's
+        positions within the cache). A format storing keys before RoPE only rewrites positions."""
+        for h in range(self.n_kv):
+            t = self.read(slot, h)
+            if t.pos.numel() == 0:
+                continue
+            new = new_pos(t.pos)
+            idx = torch.arange(t.pos.numel(), device=self.device)
+            self.write(slot, h, idx, t._replace(k=rotate(t.k, t.pos, new), pos=new.to(torch.int32)))
+
     def tokens_held(self, slot: int) -> list[int]:
         return list(self.host[slot])
 

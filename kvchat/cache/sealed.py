@@ -196,11 +196,13 @@ class SealedFormat(Format):
             uniq, inv = torch.unique(blocks, return_inverse=True)
             gk, gv, gp = self._decoded(uniq)
             gk[inv, off], gv[inv, off] = tokens.k[at_sealed].to(gk.dtype), tokens.v[at_sealed].to(gv.dtype)
+            gp[inv, off] = tokens.pos[at_sealed].to(gp.dtype)
             count_of = {b: c for b, c in zip(self.groups[slot][head], self.counts[slot][head])}
             tok, grp = self.encode(gk, gv, gp, torch.tensor([count_of[int(b)] for b in uniq], device=self.device))
             ix = uniq.to(self.device)
             for name, rows in tok.items():
                 self.tok[name][ix] = rows.to(self.tok[name].dtype)
+            self.tok["pos"][ix] = gp
             for name, rows in grp.items():
                 self.grp[name][ix] = rows.to(self.grp[name].dtype)
 

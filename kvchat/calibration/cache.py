@@ -61,13 +61,13 @@ def write_tensors(path: Path, tensors: dict, meta: dict) -> None:
 
 def read_tensors(path: Path) -> tuple[dict, dict] | None:
     """-> (tensors, meta), or None when the file is missing or unreadable (then it is recomputed)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("kvchat", "{}"))
             return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, ValueError, RuntimeError, SafetensorError):
         return None
 
 

@@ -143,6 +143,14 @@ class Runner:
         cos, sin = self.rotary(x, positions.view(1, -1))  # (1, N, D)
         return cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
 
+    def rotate(self, k: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Keys k (N, D) rotated at positions `old` -> the same keys at positions `new`. RoPE rotations
+        compose, so rotating by (new - old) moves them; a scaled RoPE's attention factor is divided out."""
+        delta = (new.long() - old.long()).view(-1)
+        cos, sin = self.rotary(k.unsqueeze(0), delta.view(1, -1))  # (1, N, D)
+        f = getattr(self.rotary, "attention_scaling", 1.0) or 1.0
+        return rope(k.unsqueeze(1), cos[0].unsqueeze(1) / f, sin[0].unsqueeze(1) / f)[:, 0].to(k.dtype)
+
     def logits(self, x_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x_last)).float()
 
@@ -169,6 +177,8 @@ class Runner:
                 q, k_pre, k, v = self._qkv(lw, h, cos, sin)
                 start = store.chunk_start[li] = list(fmt.host[slot])
                 fmt.append_chunk(slot, k_pre, k, v, positions)
+                for m in methods:  # every method counts the new tokens before any of them evicts
+                    m.on_append(li, [slot], k.shape[0])
                 fresh = (k, v)
             else:  # reads an earlier layer's store, which already holds this chunk
                 q, k_pre, k, v, fresh = self._q(lw, h, cos, sin), None, None, None, None
@@ -204,6 +214,8 @@ class Runner:
             if store.owns(li):
                 q, k_pre, k, v = self._qkv(lw, h, cos, sin)
                 fmt.append_step(slots, slots_t, k_pre, k, v, positions)
+                for m in self.methods:  # every method counts the new token before any of them evicts
+                    m.on_append(li, slots, 1)
             else:
                 q = self._q(lw, h, cos, sin)
             want = any(m.decode_colsum(li) for m in self.methods)

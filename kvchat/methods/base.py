@@ -16,6 +16,7 @@ Hooks, in the order the engine calls them:
     after_prefill_layer(ctx) -> keep | None  per layer during prefill; may drop hidden states
     after_prefill(store, slot)               the chunk (a user turn) is in the store
     decode_colsum(layer) -> bool             column sums of decode attention wanted
+    on_append(layer, slots, n)               n tokens appended to every head of each slot (owned layers)
     after_decode_layer(ctx)                  per layer during decode (ctx.colsum)
     after_decode(store, slots)               one token appended to every live slot
     on_compact(layer, slot, keep, before)    any method compacted (layer, slot): remap per-token state
@@ -45,8 +46,15 @@ class PrefillCtx:
 
     @property
     def rows(self):
-        """(H_q, w, L) attention probabilities of the chunk's last w queries, if asked for."""
+        """(H_q, w, L) attention probabilities of the chunk's last w queries, if any method asked for them
+        (w is the most any method asked for: use `last_rows(w)` for your own)."""
         return self.stats.rows
+
+    def last_rows(self, w: int):
+        """(H_q, w', L) the rows of the chunk's last w queries (w' = w, or fewer when the chunk is shorter),
+        or None when none were computed at this layer."""
+        rows = self.stats.rows
+        return None if rows is None or w <= 0 else rows[:, -w:]
 
 
 @dataclass
@@ -106,6 +114,9 @@ class Method:
 
     def decode_colsum(self, layer: int) -> bool:
         return False
+
+    def on_append(self, layer: int, slots: list[int], n: int) -> None:
+        pass
 
     def after_decode_layer(self, ctx: DecodeCtx) -> None:
         pass

@@ -119,7 +119,7 @@ class D2O(Method):
         state = self._slots[ctx.slot]
         lens = list(ctx.store.lengths(ctx.layer, ctx.slot))
         n = max(lens)
-        rows = ctx.rows
+        rows = ctx.last_rows(self.obs_window)  # its own window, whatever other methods asked for
         state.sigma[ctx.layer] = density(rows, n)  # a layer sharing another's store still shapes the budgets
         if not ctx.store.owns(ctx.layer):
             return None
@@ -133,12 +133,23 @@ class D2O(Method):
         state = self._slots[slot]
         state.budgets = layer_budgets(state.sigma, store.seen[slot], self.ratio, self.min_budget)
         for layer, budget in enumerate(state.budgets):
-            if budget is not None and store.owns(layer):
+            if budget is None:  # never compressed: no scores to keep up to date
+                state.scores[layer] = state.n[layer] = None
+            elif store.owns(layer):
                 self._evict(store, slot, layer, state, budget)
 
     # ---- decode ------------------------------------------------------------------------------------
     def decode_colsum(self, layer: int) -> bool:
         return 1 < layer < self.desc.n_layers - 1
+
+    def on_append(self, layer: int, slots, n: int) -> None:
+        for slot in slots:
+            state = self._slots.get(slot)
+            if state is not None and state.n[layer] is not None:
+                state.n[layer] = [k + n for k in state.n[layer]]
+                top = max(state.n[layer])
+                old = state.scores[layer]
+                state.scores[layer] = F.pad(old, (0, top - old.shape[1]))  # new tokens start at 0
 
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):
@@ -148,10 +159,8 @@ class D2O(Method):
             state = self._slots.get(slot)
             if state is None or state.budgets[layer] is None:
                 continue
-            state.n[layer] = [n + 1 for n in state.n[layer]]
             n = max(state.n[layer])
-            old = state.scores[layer]
-            state.scores[layer] = F.pad(old, (0, n - old.shape[1])) + ctx.colsum[b, :, :n].float()
+            state.scores[layer] = state.scores[layer] + ctx.colsum[b, :, :n].float()
             # Amortized: let a block's worth pile up, then evict it in one compaction.
             if n >= state.budgets[layer] + ctx.store.block_size:
                 self._evict(ctx.store, slot, layer, state, state.budgets[layer])
@@ -173,7 +182,7 @@ class D2O(Method):
 
     def state_lengths(self, layer: int, slot: int) -> list[int] | None:
         state = self._slots.get(slot)
-        return None if state is None or state.scores[layer] is None else list(state.n[layer])
+        return None if state is None or state.n[layer] is None else list(state.n[layer])
 
     # ---- eviction ----------------------------------------------------------------------------------
     def keep_indices(self, scores: torch.Tensor, budget: int) -> torch.Tensor:

@@ -169,10 +169,11 @@ class PyramidInfer(Method):
                                                scores=[[None] * H for _ in range(L)], n=[None] * L)
         s = self._prefill_s[ctx.layer]
         C = T - min(self._w, T)  # context tokens of the chunk still in the residual stream
-        if ctx.rows is None or C <= 0:
+        own = ctx.last_rows(self.prefill_rows(ctx.layer))  # not rows another method asked for elsewhere
+        if own is None or C <= 0:
             return None
         G = self.desc.n_heads // self.desc.n_kv_heads
-        rows = chunk_rows(ctx.rows, ctx.chunk_start, T, G)
+        rows = chunk_rows(own, ctx.chunk_start, T, G)
         scores = distance_scores(rows, self.distance_weight, self.pool, self.heads, self.desc.n_kv_heads)[:C]
         if self.carry > 0:
             scores = self._acc = carried(scores, self._acc, self.carry)
@@ -196,23 +197,30 @@ class PyramidInfer(Method):
     def decode_colsum(self, layer: int) -> bool:
         return self._gen_keep[layer] < self.gen_block
 
+    def on_append(self, layer: int, slots, n: int) -> None:
+        for slot in slots:
+            state = self._slots.get(slot)
+            if state is None or not state.n or state.n[layer] is None:
+                continue  # prefill: prompt tokens are pruned at prefill, not pending
+            state.n[layer] = [k + n for k in state.n[layer]]
+            if self.decode_colsum(layer):  # new pending tokens, scored from 0
+                pend, scores = state.pending[layer], state.scores[layer]
+                for h in range(len(pend)):
+                    pend[h] += n
+                    scores[h] = torch.zeros(n) if scores[h] is None else F.pad(scores[h], (0, n))
+
     def after_decode_layer(self, ctx) -> None:
         layer = ctx.layer
-        if not ctx.store.owns(layer):
+        if ctx.colsum is None or not self.decode_colsum(layer) or not ctx.store.owns(layer):
             return
         for b, slot in enumerate(ctx.slots):
             state = self._slots.get(slot)
             if state is None or state.n[layer] is None:
                 continue
-            state.n[layer] = [n + 1 for n in state.n[layer]]
-            if ctx.colsum is None:
-                continue
             pend, scores = state.pending[layer], state.scores[layer]
             for h, n in enumerate(state.n[layer]):
-                p = pend[h] = pend[h] + 1
-                received = ctx.colsum[b, h, n - p : n]
-                # Everything pending attended by this step's query; the new token starts at its own share.
-                scores[h] = received.clone() if scores[h] is None else F.pad(scores[h], (0, 1)) + received
+                if pend[h]:  # everything pending attended by this step's query
+                    scores[h] = scores[h] + ctx.colsum[b, h, n - pend[h] : n]
             if max(pend) >= state.recent + self.gen_block:
                 self._compress_block(ctx.store, slot, state, layer)
 

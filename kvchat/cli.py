@@ -159,8 +159,9 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
 @click.option("--profile", "-p", default=None, help="Profile whose methods to calibrate. Env KVCHAT_PROFILE.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where to run [default auto].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", help="Weights dtype [default auto].")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Calibrate on this text or JSONL file instead of the default text (Python's own documentation), for methods that calibrate on text.")
 @user_errors
-def calibrate(model, profile, device, dtype):
+def calibrate(model, profile, device, dtype, data):
     """Run (again) the calibrations a profile's methods need, and cache them under KVCHAT_HOME.
 
     Methods calibrate on first use anyway; this runs it ahead of time or refreshes it.
@@ -183,7 +184,7 @@ def calibrate(model, profile, device, dtype):
     done = 0
     probe = make_probe(lm, progress=lambda msg: click.echo(msg, err=True))
     for m in prof.methods:
-        path = run(probe, m)
+        path = run(probe, m, data=data)
         if path is not None:
             done += 1
             click.echo(f"{m.name}: calibrated for {lm.desc.name} -> {path}")

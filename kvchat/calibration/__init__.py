@@ -15,11 +15,14 @@ from kvchat.calibration.cache import cache_path
 from kvchat.calibration.razor import retrieval_heads, score_heads
 
 
-def calibrate(probe, method, force: bool = True) -> Path | None:
-    """Run `method`'s calibration on the probe's model (recomputing when `force`); -> cache file, or None."""
+def calibrate(probe, method, force: bool = True, data: str | None = None) -> Path | None:
+    """Run `method`'s calibration on the probe's model (recomputing when `force`), on the default text or
+    the file `data` when the method calibrates on text; -> cache file, or None if it needs none."""
     run = getattr(method, "calibrate", None)
     if run is None:
         return None
+    if data is not None and hasattr(method, "data"):
+        method.data = data
     return run(probe, force=force)
 
 

@@ -1,0 +1,450 @@
+"""Decode attention over a quantized store: packed sealed groups beside a full-precision paged tail.
+
+Layout (shared with kvchat's sealed formats, kvchat/cache/sealed.py):
+    Sealed: one group = one block of GS tokens of one KV head, in storage order per (slot, head)
+        kc, vc   (n_blocks, GS, D * bits // 8) uint8  codes packed along head_dim (kv_quant.pack)
+        ks, ko   key scales / offsets: (n_blocks, D), one per channel over the group's tokens (KIVI),
+                 or (n_blocks, GS, D // k_ch), per token in groups of k_ch channels (KV8/KV4)
+        vs, vo   (n_blocks, GS, D // v_ch) value scales / offsets, per token
+                 offsets are float16 minima (x = c * s + m) or uint8 zero points (x = (c - z) * s)
+        table, counts (B, H_kv, MG) int32  group ids and tokens held in each; n (B, H_kv) groups;
+        npin (B, H_kv) tail tokens that come before the sealed ones in storage order (sinks)
+    Tail: the paged dense pools of paged_attention.py (k, v, table, lengths, optional bias)
+Storage order of a (slot, head): [tail[:npin]][sealed groups, `counts` tokens each][tail[npin:]].
+
+The Triton path is split-K like paged_attention.py: program (slot, kv head, split) walks a range of that
+head's groups for all query heads of its GQA group (K/V never repeated), loading the packed bytes and
+the group's scales, unpacking and dequantizing in registers; the tail's tokens are more splits of the
+same kernel; the log-sum-exp merge is paged_attention's. Column sums are a second pass over K. The
+reference dequantizes `chunk` groups at a time (never a whole layer) and is what CPUs run.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvchat_kernels.dispatch import choose_impl
+from kvchat_kernels.kv_quant import unpack_dequantize
+
+try:
+    import triton
+    import triton.language as tl
+
+    from kvchat_kernels.paged_attention import _decode_merge_kernel
+except Exception:  # pragma: no cover - machines without triton use the reference
+    triton = None
+
+
+class Sealed(NamedTuple):
+    kc: torch.Tensor
+    ks: torch.Tensor
+    ko: torch.Tensor
+    vc: torch.Tensor
+    vs: torch.Tensor
+    vo: torch.Tensor
+    bits: int
+    table: torch.Tensor
+    counts: torch.Tensor
+    n: torch.Tensor
+    npin: torch.Tensor
+
+
+class Tail(NamedTuple):
+    k: torch.Tensor
+    v: torch.Tensor
+    table: torch.Tensor
+    lengths: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def _channels(scale: torch.Tensor, D: int) -> int:
+    """Channels sharing one scale: 1 for per-channel (2-D pool), else D // groups per token."""
+    return 1 if scale.dim() == 2 else D // scale.shape[-1]
+
+
+def dequant_groups(s: Sealed, ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ids (...) -> k, v (..., GS, D) in dtype."""
+    k = unpack_dequantize(s.kc[ids], s.ks[ids], s.ko[ids], s.bits, dtype)
+    v = unpack_dequantize(s.vc[ids], s.vs[ids], s.vo[ids], s.bits, dtype)
+    return k, v
+
+
+def storage_positions(s: Sealed, tail_len: int):
+    """Storage index of (sealed group j, row t): npin + start_j + t; of tail token t: t below npin, else
+    t + sealed tokens. -> (group starts (B, H, MG), tail index map (B, H, tail_len))."""
+    cnt = s.counts.long()
+    start = s.npin.long().unsqueeze(-1) + cnt.cumsum(-1) - cnt
+    ns = cnt.sum(-1, keepdim=True)
+    t = torch.arange(tail_len, device=cnt.device).view(1, 1, -1)
+    return start, torch.where(t < s.npin.long().unsqueeze(-1), t, t + ns)
+
+
+def quant_decode_attention_ref(q, s: Sealed, tail: Tail, scale, return_colsum=False, chunk=16):
+    """q (B, H_q, D) -> out (B, H_q, D) [, colsum (B, H_kv, T)]; T = the longest (slot, head) in storage
+    order, columns in storage order (0 past a head's length). Sealed groups dequantize `chunk` at a time."""
+    B, Hq, D = q.shape
+    H = tail.table.shape[1]
+    G = Hq // H
+    qg = q.view(B, H, G, D)
+    bs = tail.k.shape[1]
+    n_blocks = max(1, -(-int(tail.lengths.max()) // bs))
+    bt = tail.table[:, :, :n_blocks].reshape(-1).long()
+    kt = tail.k.index_select(0, bt).view(B, H, -1, D).to(q.dtype)
+    vt = tail.v.index_select(0, bt).view(B, H, -1, D).to(q.dtype)
+    Tt = kt.shape[2]
+    st = torch.matmul(qg, kt.transpose(-1, -2)).float() * scale  # (B, H, G, Tt)
+    if tail.bias is not None:
+        st = st + tail.bias.index_select(0, bt).view(B, H, 1, Tt).float()
+    st = st.masked_fill(torch.arange(Tt, device=q.device).view(1, 1, 1, Tt) >= tail.lengths.view(B, H, 1, 1),
+                        float("-inf"))
+    parts = [(st, vt, None)]
+    GS = s.kc.shape[1]
+    max_groups = int(s.n.max()) if s.n.numel() else 0
+    for c0 in range(0, max_groups, chunk):
+        ids = s.table[:, :, c0 : c0 + chunk].long()  # (B, H, C)
+        C = ids.shape[-1]
+        k, v = dequant_groups(s, ids, q.dtype)  # (B, H, C, GS, D)
+        valid = torch.arange(GS, device=q.device).view(1, 1, 1, GS) < s.counts[:, :, c0 : c0 + C, None]
+        sc = torch.matmul(qg, k.view(B, H, C * GS, D).transpose(-1, -2)).float() * scale
+        sc = sc.masked_fill(~valid.view(B, H, 1, C * GS), float("-inf"))
+        parts.append((sc, v.view(B, H, C * GS, D), (c0, C)))
+    m = torch.stack([p[0].amax(-1) for p in parts]).amax(0)  # (B, H, G)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(B, H, G, D, device=q.device)
+    for sc, v, _ in parts:
+        p = torch.exp(sc - m.unsqueeze(-1))
+        l += p.sum(-1)
+        acc += torch.matmul(p.to(v.dtype), v).float()
+    seen = l > 0
+    out = torch.where(seen.unsqueeze(-1), acc / torch.where(seen, l, torch.ones_like(l)).unsqueeze(-1), 0.0)
+    out = out.to(q.dtype).view(B, Hq, D)
+    if not return_colsum:
+        return out
+    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), float("inf"))  # inf: p = 0
+    start, tail_at = storage_positions(s, Tt)
+    T = max(1, int((s.counts.sum(-1) + tail.lengths).max()))
+    col = torch.zeros(B, H, T + 1, device=q.device)  # column T collects what lies past a head's length
+    for sc, _, where in parts:
+        pr = torch.exp(sc - lse.unsqueeze(-1)).sum(2)  # (B, H, n) over the group's query heads
+        if where is None:
+            idx = tail_at.masked_fill(torch.arange(Tt, device=q.device).view(1, 1, -1) >= tail.lengths.unsqueeze(-1), T)
+        else:
+            c0, C = where
+            rows = start[:, :, c0 : c0 + C, None] + torch.arange(GS, device=q.device)  # (B, H, C, GS)
+            ok = torch.arange(GS, device=q.device) < s.counts[:, :, c0 : c0 + C, None]
+            idx = rows.masked_fill(~ok, T).view(B, H, -1)
+        col.scatter_add_(2, idx.clamp(max=T), pr)
+    return out, col[:, :, :T]
+
+
+# ---- Triton ----------------------------------------------------------------------------------------------
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_tile(c_ptr, s_ptr, o_ptr, blk, t, d, mask, s_cg, s_ct, s_sg, s_st,
+                      BITS: tl.constexpr, CH: tl.constexpr, ZERO: tl.constexpr):
+        """Rows t, channels d of group `blk` -> float32 (len(t), len(d)), unpacked and dequantized here."""
+        PER: tl.constexpr = 8 // BITS
+        byte = tl.load(c_ptr + blk * s_cg + t[:, None] * s_ct + (d // PER)[None, :], mask=mask, other=0)
+        code = ((byte.to(tl.int32) >> ((d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        at = blk * s_sg + t[:, None] * s_st + (d // CH)[None, :]
+        sc = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        off = tl.load(o_ptr + at, mask=mask, other=0).to(tl.float32)
+        if ZERO:
+            x = (code - off) * sc
+        else:
+            x = code * sc + off
+        return x
+
+    @triton.jit
+    def _tail_range(split, S_G, TOK_PER_SPLIT, length):
+        start = tl.maximum(split - S_G, 0) * TOK_PER_SPLIT
+        end = tl.where(split >= S_G, tl.minimum(start + TOK_PER_SPLIT, length), 0)
+        return tl.where(split >= S_G, start, 0), end
+
+    @triton.jit
+    def _quant_partial_kernel(
+        q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, gt_ptr, gc_ptr, ng_ptr,
+        tk_ptr, tv_ptr, tt_ptr, tl_ptr, tx_ptr,
+        m_ptr, l_ptr, acc_ptr,
+        qk_scale, H_kv, G, D, S, S_G, GRP_PER_SPLIT, TOK_PER_SPLIT,
+        s_qb, s_qh,
+        s_cg, s_ct, s_ksg, s_kst, s_vsg, s_vst,
+        s_gb, s_gh, s_nb, s_nh,
+        s_tkb, s_tkt, s_ttb, s_tth, s_tlb, s_tlh, s_txb, s_txt,
+        BITS: tl.constexpr, K_CH: tl.constexpr, V_CH: tl.constexpr, ZERO: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BS: tl.constexpr, GS_PAD: tl.constexpr, G_PAD: tl.constexpr,
+        D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // H_kv
+        hk = pid_bh % H_kv
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        gmask = g < G
+        dmask = d < D
+        hq = hk * G + g
+        q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+
+        # sealed groups [g0, g1) of this split (none for a tail split)
+        n_g = tl.load(ng_ptr + b * s_nb + hk * s_nh)
+        g0 = split * GRP_PER_SPLIT
+        g1 = tl.where(split < S_G, tl.minimum(g0 + GRP_PER_SPLIT, n_g), g0)
+        t = tl.arange(0, GS_PAD)
+        row = b * s_gb + hk * s_gh
+        for j in range(g0, g1):
+            blk = tl.load(gt_ptr + row + j).to(tl.int64)
+            cnt = tl.load(gc_ptr + row + j)
+            tmask = t < cnt
+            mask = tmask[:, None] & dmask[None, :]
+            k = _dequant_tile(kc_ptr, ks_ptr, ko_ptr, blk, t, d, mask, s_cg, s_ct, s_ksg, s_kst,
+                              BITS, K_CH, ZERO).to(q.dtype)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(tmask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _dequant_tile(vc_ptr, vs_ptr, vo_ptr, blk, t, d, mask, s_cg, s_ct, s_vsg, s_vst,
+                              BITS, V_CH, ZERO).to(q.dtype)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        # full-precision tail tokens [t0, t1) of this split (none for a sealed split)
+        length = tl.load(tl_ptr + b * s_tlb + hk * s_tlh)
+        t_start, t_end = _tail_range(split, S_G, TOK_PER_SPLIT, length)
+        trow = tt_ptr + b * s_ttb + hk * s_tth
+        for t0 in range(t_start, t_end, BLOCK_N):
+            tt = t0 + tl.arange(0, BLOCK_N)
+            tmask = tt < t_end
+            blk = tl.load(trow + tt // BS, mask=tmask, other=0).to(tl.int64)
+            off = tt % BS
+            kvmask = tmask[:, None] & dmask[None, :]
+            k = tl.load(tk_ptr + blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :], mask=kvmask, other=0.0)
+            k = k.to(q.dtype)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(tx_ptr + blk * s_txb + off * s_txt, mask=tmask, other=0.0).to(tl.float32)
+                qk = qk + bias[None, :] * 1.4426950408889634
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(tv_ptr + blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :], mask=kvmask, other=0.0)
+            v = v.to(q.dtype)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        out_row = (b * H_kv * G + hq) * S + split
+        tl.store(m_ptr + out_row, m_i, mask=gmask)
+        tl.store(l_ptr + out_row, l_i, mask=gmask)
+        tl.store(acc_ptr + out_row[:, None].to(tl.int64) * D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _quant_colsum_kernel(
+        q_ptr, kc_ptr, ks_ptr, ko_ptr, gt_ptr, gc_ptr, ng_ptr, gs_ptr,
+        tk_ptr, tt_ptr, tl_ptr, tx_ptr, np_ptr, ns_ptr,
+        lse_ptr, col_ptr,
+        qk_scale, H_kv, G, D, S_G, GRP_PER_SPLIT, TOK_PER_SPLIT,
+        s_qb, s_qh,
+        s_cg, s_ct, s_ksg, s_kst,
+        s_gb, s_gh, s_nb, s_nh,
+        s_tkb, s_tkt, s_ttb, s_tth, s_tlb, s_tlh, s_txb, s_txt,
+        s_cb, s_ch,
+        BITS: tl.constexpr, K_CH: tl.constexpr, ZERO: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BS: tl.constexpr, GS_PAD: tl.constexpr, G_PAD: tl.constexpr,
+        D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // H_kv
+        hk = pid_bh % H_kv
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        gmask = g < G
+        dmask = d < D
+        hq = hk * G + g
+        q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+        lse = tl.load(lse_ptr + b * H_kv * G + hq, mask=gmask, other=float("-inf"))
+        col = col_ptr + b * s_cb + hk * s_ch
+
+        n_g = tl.load(ng_ptr + b * s_nb + hk * s_nh)
+        g0 = split * GRP_PER_SPLIT
+        g1 = tl.where(split < S_G, tl.minimum(g0 + GRP_PER_SPLIT, n_g), g0)
+        t = tl.arange(0, GS_PAD)
+        row = b * s_gb + hk * s_gh
+        for j in range(g0, g1):
+            blk = tl.load(gt_ptr + row + j).to(tl.int64)
+            cnt = tl.load(gc_ptr + row + j)
+            first = tl.load(gs_ptr + row + j)  # storage index of the group's first token
+            tmask = t < cnt
+            mask = tmask[:, None] & dmask[None, :]
+            k = _dequant_tile(kc_ptr, ks_ptr, ko_ptr, blk, t, d, mask, s_cg, s_ct, s_ksg, s_kst,
+                              BITS, K_CH, ZERO).to(q.dtype)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            valid = gmask[:, None] & tmask[None, :]
+            p = tl.where(valid, tl.exp2(qk * qk_scale - tl.where(valid, lse[:, None], 0.0)), 0.0)
+            tl.store(col + first + t, tl.sum(p, 0), mask=tmask)
+
+        length = tl.load(tl_ptr + b * s_tlb + hk * s_tlh)
+        npin = tl.load(np_ptr + b * s_nb + hk * s_nh)
+        n_sealed = tl.load(ns_ptr + b * s_nb + hk * s_nh)
+        t_start, t_end = _tail_range(split, S_G, TOK_PER_SPLIT, length)
+        trow = tt_ptr + b * s_ttb + hk * s_tth
+        for t0 in range(t_start, t_end, BLOCK_N):
+            tt = t0 + tl.arange(0, BLOCK_N)
+            tmask = tt < t_end
+            blk = tl.load(trow + tt // BS, mask=tmask, other=0).to(tl.int64)
+            off = tt % BS
+            k = tl.load(tk_ptr + blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :],
+                        mask=tmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(tx_ptr + blk * s_txb + off * s_txt, mask=tmask, other=0.0).to(tl.float32)
+                qk = qk + bias[None, :] * 1.4426950408889634
+            valid = gmask[:, None] & tmask[None, :]
+            p = tl.where(valid, tl.exp2(qk - tl.where(valid, lse[:, None], 0.0)), 0.0)
+            at = tl.where(tt < npin, tt, tt + n_sealed)  # storage order: [pinned][sealed][recent]
+            tl.store(col + at, tl.sum(p, 0), mask=tmask)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int, at_least: int = 16) -> int:
+    return max(at_least, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _plan(max_groups: int, max_tail: int, n_heads: int, device, block_n: int, num_splits=None, tail_splits=None):
+    """(sealed splits, groups per split, tail splits, tail tokens per split): enough programs to fill
+    the GPU, at most 64 splits in all (the merge reads them all)."""
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    want = max(1, _cdiv(target, max(n_heads, 1)))
+    if num_splits is None:
+        num_splits = min(want, max(1, _cdiv(max_groups, 2)), 48)
+    gps = max(1, _cdiv(max_groups, max(num_splits, 1)))
+    s_g = _cdiv(max_groups, gps)
+    if tail_splits is None:
+        tail_splits = min(max(1, _cdiv(max_tail, 4 * block_n)), 64 - s_g)
+    tok = _cdiv(_cdiv(max(max_tail, 1), tail_splits), block_n) * block_n
+    return s_g, gps, _cdiv(max(max_tail, 1), tok), tok
+
+
+def _strides_2or3(t: torch.Tensor) -> tuple[int, int]:
+    """(group stride, token stride): a per-channel pool (n, D) has no token stride."""
+    return (t.stride(0), 0) if t.dim() == 2 else (t.stride(0), t.stride(1))
+
+
+def quant_decode_attention_triton(q, s: Sealed, tail: Tail, scale, return_colsum=False, num_splits=None,
+                                  tail_splits=None, block_n=32):
+    B, Hq, D = q.shape
+    H = tail.table.shape[1]
+    if Hq % H:
+        raise ValueError(f"H_q={Hq} is not a multiple of H_kv={H}")
+    for name, t in (("q", q), *zip(Sealed._fields[:6], s[:6]), ("tail.k", tail.k), ("tail.v", tail.v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    G = Hq // H
+    GS = s.kc.shape[1]
+    dev = q.device
+    max_groups = int(s.n.max()) if s.n.numel() else 0
+    max_tail = int(tail.lengths.max()) if tail.lengths.numel() else 0
+    s_g, gps, s_t, tok = _plan(max_groups, max_tail, B * H, dev, block_n, num_splits, tail_splits)
+    S = s_g + s_t
+    k_ch, v_ch = _channels(s.ks, D), _channels(s.vs, D)
+    zero = s.ko.dtype == torch.uint8
+    has_bias = tail.bias is not None
+    bias = tail.bias if has_bias else tail.k
+    s_x = (tail.bias.stride(0), tail.bias.stride(1)) if has_bias else (0, 0)
+    (s_ksg, s_kst), (s_vsg, s_vst) = _strides_2or3(s.ks), _strides_2or3(s.vs)
+    table, counts = s.table.contiguous(), s.counts.contiguous()
+    common = dict(BITS=s.bits, ZERO=zero, HAS_BIAS=has_bias, BS=tail.k.shape[1], GS_PAD=_pow2(GS),
+                  G_PAD=_pow2(G), D_PAD=_pow2(D), BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4)
+    m = torch.empty((B, Hq, S), dtype=torch.float32, device=dev)
+    l = torch.empty((B, Hq, S), dtype=torch.float32, device=dev)
+    acc = torch.empty((B, Hq, S, D), dtype=torch.float32, device=dev)
+    grid = (B * H, S)
+    _quant_partial_kernel[grid](
+        q, s.kc, s.ks, s.ko, s.vc, s.vs, s.vo, table, counts, s.n,
+        tail.k, tail.v, tail.table, tail.lengths, bias,
+        m, l, acc,
+        scale * _LOG2E, H, G, D, S, s_g, gps, tok,
+        q.stride(0), q.stride(1),
+        s.kc.stride(0), s.kc.stride(1), s_ksg, s_kst, s_vsg, s_vst,
+        table.stride(0), table.stride(1), s.n.stride(0), s.n.stride(1),
+        tail.k.stride(0), tail.k.stride(1), tail.table.stride(0), tail.table.stride(1),
+        tail.lengths.stride(0), tail.lengths.stride(1), *s_x,
+        K_CH=k_ch, V_CH=v_ch, **common,
+    )
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
+    _decode_merge_kernel[(B * Hq,)](
+        m, l, acc, out, lse, Hq, D, S, out.stride(0), out.stride(1), out.stride(2),
+        S_PAD=triton.next_power_of_2(S), D_PAD=triton.next_power_of_2(D), num_warps=4,
+    )
+    if not return_colsum:
+        return out
+    cnt = counts.long()
+    n_sealed = cnt.sum(-1)
+    first = (s.npin.long().unsqueeze(-1) + cnt.cumsum(-1) - cnt).to(torch.int32).contiguous()
+    T = max(1, int((n_sealed + tail.lengths.long()).max()))
+    col = torch.zeros((B, H, T), dtype=torch.float32, device=dev)
+    npin = s.npin.to(torch.int32).contiguous()
+    n_sealed = n_sealed.to(torch.int32).contiguous()
+    ng = s.n.contiguous()
+    _quant_colsum_kernel[grid](
+        q, s.kc, s.ks, s.ko, table, counts, ng, first,
+        tail.k, tail.table, tail.lengths, bias, npin, n_sealed,
+        lse, col,
+        scale * _LOG2E, H, G, D, s_g, gps, tok,
+        q.stride(0), q.stride(1),
+        s.kc.stride(0), s.kc.stride(1), s_ksg, s_kst,
+        table.stride(0), table.stride(1), ng.stride(0), ng.stride(1),
+        tail.k.stride(0), tail.k.stride(1), tail.table.stride(0), tail.table.stride(1),
+        tail.lengths.stride(0), tail.lengths.stride(1), *s_x,
+        col.stride(0), col.stride(1),
+        K_CH=k_ch, **common,
+    )
+    return out, col
+
+
+def quant_decode_attention(q, sealed: Sealed, tail: Tail, scale, return_colsum=False, impl=None):
+    """Dispatcher: the Triton split-K kernel on CUDA, the reference elsewhere."""
+    if choose_impl(q.device, impl) == "triton":
+        return quant_decode_attention_triton(q, sealed, tail, scale, return_colsum)
+    return quant_decode_attention_ref(q, sealed, tail, scale, return_colsum)

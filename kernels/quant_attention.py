@@ -66,8 +66,11 @@ def _channels(scale: torch.Tensor, D: int) -> int:
 
 def dequant_groups(s: Sealed, ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Block ids (...) -> k, v (..., GS, D) in dtype."""
-    k = unpack_dequantize(s.kc[ids], s.ks[ids], s.ko[ids], s.bits, dtype)
-    v = unpack_dequantize(s.vc[ids], s.vs[ids], s.vo[ids], s.bits, dtype)
+    flat = ids.reshape(-1)
+    rows = [t.index_select(0, flat) for t in s[:6]]  # index_select gathers rows ~3x faster than indexing
+    rows = [r.view(*ids.shape, *r.shape[1:]) for r in rows]
+    k = unpack_dequantize(*rows[:3], s.bits, dtype)
+    v = unpack_dequantize(*rows[3:], s.bits, dtype)
     return k, v
 
 
@@ -81,9 +84,36 @@ def storage_positions(s: Sealed, tail_len: int):
     return start, torch.where(t < s.npin.long().unsqueeze(-1), t, t + ns)
 
 
+class _Online:
+    """Running softmax of one set of queries over parts seen one after another (flash-attention's
+    recurrence): m the max so far, l the sum of exp(s - m), acc the unnormalized output."""
+
+    def __init__(self, shape, D, device):
+        self.m = torch.full(shape, float("-inf"), device=device)
+        self.l = torch.zeros(shape, device=device)
+        self.acc = torch.zeros(*shape, D, device=device)
+
+    def add(self, scores: torch.Tensor, v: torch.Tensor) -> None:
+        m = torch.maximum(self.m, scores.amax(-1))
+        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # nothing seen yet: stays 0
+        alpha = torch.exp(self.m - m_safe)
+        p = torch.exp(scores - m_safe.unsqueeze(-1))
+        self.l = self.l * alpha + p.sum(-1)
+        self.acc = self.acc * alpha.unsqueeze(-1) + torch.matmul(p.to(v.dtype), v).float()
+        self.m = m
+
+    def result(self):
+        """-> out (..., D) float32 (zeros where nothing was visible), lse (...) (+inf there: p = 0)."""
+        seen = self.l > 0
+        l = torch.where(seen, self.l, torch.ones_like(self.l))
+        out = torch.where(seen.unsqueeze(-1), self.acc / l.unsqueeze(-1), 0.0)
+        return out, torch.where(seen, self.m + torch.log(l), float("inf"))
+
+
 def quant_decode_attention_ref(q, s: Sealed, tail: Tail, scale, return_colsum=False, chunk=16):
     """q (B, H_q, D) -> out (B, H_q, D) [, colsum (B, H_kv, T)]; T = the longest (slot, head) in storage
-    order, columns in storage order (0 past a head's length). Sealed groups dequantize `chunk` at a time."""
+    order, columns in storage order (0 past a head's length). Sealed groups dequantize `chunk` at a time
+    and leave nothing behind but their scores (kept only for column sums)."""
     B, Hq, D = q.shape
     H = tail.table.shape[1]
     G = Hq // H
@@ -99,7 +129,9 @@ def quant_decode_attention_ref(q, s: Sealed, tail: Tail, scale, return_colsum=Fa
         st = st + tail.bias.index_select(0, bt).view(B, H, 1, Tt).float()
     st = st.masked_fill(torch.arange(Tt, device=q.device).view(1, 1, 1, Tt) >= tail.lengths.view(B, H, 1, 1),
                         float("-inf"))
-    parts = [(st, vt, None)]
+    run = _Online((B, H, G), D, q.device)
+    run.add(st, vt)
+    scores = [(st, None)]
     GS = s.kc.shape[1]
     max_groups = int(s.n.max()) if s.n.numel() else 0
     for c0 in range(0, max_groups, chunk):
@@ -109,34 +141,26 @@ def quant_decode_attention_ref(q, s: Sealed, tail: Tail, scale, return_colsum=Fa
         valid = torch.arange(GS, device=q.device).view(1, 1, 1, GS) < s.counts[:, :, c0 : c0 + C, None]
         sc = torch.matmul(qg, k.view(B, H, C * GS, D).transpose(-1, -2)).float() * scale
         sc = sc.masked_fill(~valid.view(B, H, 1, C * GS), float("-inf"))
-        parts.append((sc, v.view(B, H, C * GS, D), (c0, C)))
-    m = torch.stack([p[0].amax(-1) for p in parts]).amax(0)  # (B, H, G)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    l = torch.zeros_like(m)
-    acc = torch.zeros(B, H, G, D, device=q.device)
-    for sc, v, _ in parts:
-        p = torch.exp(sc - m.unsqueeze(-1))
-        l += p.sum(-1)
-        acc += torch.matmul(p.to(v.dtype), v).float()
-    seen = l > 0
-    out = torch.where(seen.unsqueeze(-1), acc / torch.where(seen, l, torch.ones_like(l)).unsqueeze(-1), 0.0)
+        run.add(sc, v.view(B, H, C * GS, D))
+        if return_colsum:
+            scores.append((sc, (c0, C)))
+    out, lse = run.result()
     out = out.to(q.dtype).view(B, Hq, D)
     if not return_colsum:
         return out
-    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), float("inf"))  # inf: p = 0
     start, tail_at = storage_positions(s, Tt)
     T = max(1, int((s.counts.sum(-1) + tail.lengths).max()))
     col = torch.zeros(B, H, T + 1, device=q.device)  # column T collects what lies past a head's length
-    for sc, _, where in parts:
+    ar = torch.arange(GS, device=q.device)
+    for sc, where in scores:
         pr = torch.exp(sc - lse.unsqueeze(-1)).sum(2)  # (B, H, n) over the group's query heads
         if where is None:
             idx = tail_at.masked_fill(torch.arange(Tt, device=q.device).view(1, 1, -1) >= tail.lengths.unsqueeze(-1), T)
         else:
             c0, C = where
-            rows = start[:, :, c0 : c0 + C, None] + torch.arange(GS, device=q.device)  # (B, H, C, GS)
-            ok = torch.arange(GS, device=q.device) < s.counts[:, :, c0 : c0 + C, None]
-            idx = rows.masked_fill(~ok, T).view(B, H, -1)
-        col.scatter_add_(2, idx.clamp(max=T), pr)
+            ok = ar < s.counts[:, :, c0 : c0 + C, None]
+            idx = (start[:, :, c0 : c0 + C, None] + ar).masked_fill(~ok, T).view(B, H, -1)
+        col.scatter_add_(2, idx, pr)
     return out, col[:, :, :T]
 
 

@@ -1,9 +1,9 @@
 """KV quantization profiles on the embedded model: bytes, needles, next-token KL and top-1 against full,
 decode speed against full, and the bytes the GPU kernel reads per token.
 
-    KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_quant.py [--profiles kv8,kv4,kivi4,kivi2,razor-kivi4]
+    KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_quant.py [--profiles kv8,kv4,kivi4,kivi2,razor-kivi4,pyramid-kivi4]
         [--parts needles,kl,speed,kernel] [--dtype bfloat16] [--kl-prefill 1024] [--kl-tokens 1024]
-        [--kl-offsets 20000,60000] [--speed-tokens 2048] [--batches 1,4] [--steps 32]
+        [--kl-offsets 5000,60000] [--speed-tokens 2048] [--batches 1,4] [--steps 32]
 
 needles: benchmarks/bench_methods.py's 6 depths; found, and held / full KV bytes at the end of prefill.
 kl: a window of Python's own docs (kvchat.calibration.data.read_text): prefill --kl-prefill tokens, then
@@ -23,7 +23,6 @@ from __future__ import annotations
 import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, as the CLI does)
 import argparse
 import importlib.util
-import math
 import time
 from pathlib import Path
 
@@ -136,12 +135,12 @@ def kernel_table(lm, names, n_tokens):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profiles", default="kv8,kv4,kivi4,kivi2,razor-kivi4")
+    ap.add_argument("--profiles", default="kv8,kv4,kivi4,kivi2,razor-kivi4,pyramid-kivi4")
     ap.add_argument("--parts", default="needles,kl,speed,kernel")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kl-prefill", type=int, default=1024)
     ap.add_argument("--kl-tokens", type=int, default=1024)
-    ap.add_argument("--kl-offsets", default="20000,60000")
+    ap.add_argument("--kl-offsets", default="5000,60000")
     ap.add_argument("--speed-profiles", default="kivi4")
     ap.add_argument("--speed-tokens", type=int, default=2048)
     ap.add_argument("--batches", default="1,4")

@@ -176,7 +176,7 @@ if triton is not None:
         PER: tl.constexpr = 8 // BITS
         byte = tl.load(c_ptr + blk * s_cg + t[:, None] * s_ct + (d // PER)[None, :], mask=mask, other=0)
         code = ((byte.to(tl.int32) >> ((d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        at = blk * s_sg + t[:, None] * s_st + (d // CH)[None, :]
+        at = blk * s_sg + t[:, None] * s_st + (d // CH)[None, :]  # s_st = 0: one scale per channel
         sc = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
         off = tl.load(o_ptr + at, mask=mask, other=0).to(tl.float32)
         if ZERO:
@@ -186,16 +186,52 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _tail_range(split, S_G, TOK_PER_SPLIT, length):
-        start = tl.maximum(split - S_G, 0) * TOK_PER_SPLIT
-        end = tl.where(split >= S_G, tl.minimum(start + TOK_PER_SPLIT, length), 0)
-        return tl.where(split >= S_G, start, 0), end
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 in, fp32 math: no TF32 rounding
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _tail_tile(tk_ptr, tx_ptr, trow, t0, t_end, d, dmask, s_tkb, s_tkt, s_txb, s_txt,
+                   BS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Tokens [t0, t0 + BLOCK_N) of the paged tail: (token mask, row offsets into k/v, K rows, bias
+        in base-2 logits or 0)."""
+        tt = t0 + tl.arange(0, BLOCK_N)
+        tmask = tt < t_end
+        blk = tl.load(trow + tt // BS, mask=tmask, other=0).to(tl.int64)
+        off = tt % BS
+        rows = blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :]
+        k = tl.load(tk_ptr + rows, mask=tmask[:, None] & dmask[None, :], other=0.0)
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(tx_ptr + blk * s_txb + off * s_txt, mask=tmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        return tt, tmask, rows, k, bias
+
+    @triton.jit
+    def _online(m_i, l_i, acc, qk, v, IEEE: tl.constexpr):
+        """One tile of the running softmax in base 2: qk (G, N) with -inf where invalid, v (N, D)."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
+    def _ranges(split, S_G, GRP_PER_SPLIT, TOK_PER_SPLIT, n_groups, tail_len):
+        """A split's sealed groups [g0, g1) and tail tokens [t0, t1): sealed splits come first, then
+        the tail's; the other range of a split is empty."""
+        g0 = split * GRP_PER_SPLIT
+        g1 = tl.where(split < S_G, tl.minimum(g0 + GRP_PER_SPLIT, n_groups), g0)
+        t0 = tl.maximum(split - S_G, 0) * TOK_PER_SPLIT
+        t1 = tl.where(split >= S_G, tl.minimum(t0 + TOK_PER_SPLIT, tail_len), 0)
+        return g0, g1, tl.where(split >= S_G, t0, 0), t1
 
     @triton.jit
     def _quant_partial_kernel(
         q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, gt_ptr, gc_ptr, ng_ptr,
         tk_ptr, tv_ptr, tt_ptr, tl_ptr, tx_ptr,
-        m_ptr, l_ptr, acc_ptr,
+        m_ptr, l_ptr, acc_ptr,  # partials: m, l (B, H_q, S) f32; acc (B, H_q, S, D) f32, contiguous
         qk_scale, H_kv, G, D, S, S_G, GRP_PER_SPLIT, TOK_PER_SPLIT,
         s_qb, s_qh,
         s_cg, s_ct, s_ksg, s_kst, s_vsg, s_vst,
@@ -218,73 +254,28 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+        g0, g1, t_start, t_end = _ranges(split, S_G, GRP_PER_SPLIT, TOK_PER_SPLIT,
+                                         tl.load(ng_ptr + b * s_nb + hk * s_nh), tl.load(tl_ptr + b * s_tlb + hk * s_tlh))
 
-        # sealed groups [g0, g1) of this split (none for a tail split)
-        n_g = tl.load(ng_ptr + b * s_nb + hk * s_nh)
-        g0 = split * GRP_PER_SPLIT
-        g1 = tl.where(split < S_G, tl.minimum(g0 + GRP_PER_SPLIT, n_g), g0)
         t = tl.arange(0, GS_PAD)
         row = b * s_gb + hk * s_gh
-        for j in range(g0, g1):
+        for j in range(g0, g1):  # sealed groups: one group a tile
             blk = tl.load(gt_ptr + row + j).to(tl.int64)
-            cnt = tl.load(gc_ptr + row + j)
-            tmask = t < cnt
+            tmask = t < tl.load(gc_ptr + row + j)
             mask = tmask[:, None] & dmask[None, :]
-            k = _dequant_tile(kc_ptr, ks_ptr, ko_ptr, blk, t, d, mask, s_cg, s_ct, s_ksg, s_kst,
-                              BITS, K_CH, ZERO).to(q.dtype)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(tmask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _dequant_tile(vc_ptr, vs_ptr, vo_ptr, blk, t, d, mask, s_cg, s_ct, s_vsg, s_vst,
-                              BITS, V_CH, ZERO).to(q.dtype)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            k = _dequant_tile(kc_ptr, ks_ptr, ko_ptr, blk, t, d, mask, s_cg, s_ct, s_ksg, s_kst, BITS, K_CH, ZERO)
+            qk = tl.where(tmask[None, :], _dot(q, tl.trans(k.to(q.dtype)), IEEE) * qk_scale, float("-inf"))
+            v = _dequant_tile(vc_ptr, vs_ptr, vo_ptr, blk, t, d, mask, s_cg, s_ct, s_vsg, s_vst, BITS, V_CH, ZERO)
+            m_i, l_i, acc = _online(m_i, l_i, acc, qk, v.to(q.dtype), IEEE)
 
-        # full-precision tail tokens [t0, t1) of this split (none for a sealed split)
-        length = tl.load(tl_ptr + b * s_tlb + hk * s_tlh)
-        t_start, t_end = _tail_range(split, S_G, TOK_PER_SPLIT, length)
         trow = tt_ptr + b * s_ttb + hk * s_tth
-        for t0 in range(t_start, t_end, BLOCK_N):
-            tt = t0 + tl.arange(0, BLOCK_N)
-            tmask = tt < t_end
-            blk = tl.load(trow + tt // BS, mask=tmask, other=0).to(tl.int64)
-            off = tt % BS
-            kvmask = tmask[:, None] & dmask[None, :]
-            k = tl.load(tk_ptr + blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :], mask=kvmask, other=0.0)
-            k = k.to(q.dtype)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = qk * qk_scale
-            if HAS_BIAS:
-                bias = tl.load(tx_ptr + blk * s_txb + off * s_txt, mask=tmask, other=0.0).to(tl.float32)
-                qk = qk + bias[None, :] * 1.4426950408889634
+        for t0 in range(t_start, t_end, BLOCK_N):  # the full-precision tail
+            tt, tmask, rows, k, bias = _tail_tile(tk_ptr, tx_ptr, trow, t0, t_end, d, dmask, s_tkb, s_tkt, s_txb, s_txt,
+                                                  BS, BLOCK_N, HAS_BIAS)
+            qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE) * qk_scale + bias[None, :]
             qk = tl.where(tmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(tv_ptr + blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :], mask=kvmask, other=0.0)
-            v = v.to(q.dtype)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            v = tl.load(tv_ptr + rows, mask=tmask[:, None] & dmask[None, :], other=0.0)
+            m_i, l_i, acc = _online(m_i, l_i, acc, qk, v.to(q.dtype), IEEE)
 
         out_row = (b * H_kv * G + hq) * S + split
         tl.store(m_ptr + out_row, m_i, mask=gmask)
@@ -306,6 +297,8 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, BS: tl.constexpr, GS_PAD: tl.constexpr, G_PAD: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """Second pass: each stored token's probability summed over its group's query heads, written at
+        its storage index ([pinned][sealed][recent]); re-reads K only."""
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
         b = pid_bh // H_kv
@@ -318,52 +311,32 @@ if triton is not None:
         q = tl.load(q_ptr + b * s_qb + hq[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
         lse = tl.load(lse_ptr + b * H_kv * G + hq, mask=gmask, other=float("-inf"))
         col = col_ptr + b * s_cb + hk * s_ch
+        at_h = b * s_nb + hk * s_nh
+        g0, g1, t_start, t_end = _ranges(split, S_G, GRP_PER_SPLIT, TOK_PER_SPLIT, tl.load(ng_ptr + at_h),
+                                         tl.load(tl_ptr + b * s_tlb + hk * s_tlh))
 
-        n_g = tl.load(ng_ptr + b * s_nb + hk * s_nh)
-        g0 = split * GRP_PER_SPLIT
-        g1 = tl.where(split < S_G, tl.minimum(g0 + GRP_PER_SPLIT, n_g), g0)
         t = tl.arange(0, GS_PAD)
         row = b * s_gb + hk * s_gh
         for j in range(g0, g1):
             blk = tl.load(gt_ptr + row + j).to(tl.int64)
-            cnt = tl.load(gc_ptr + row + j)
-            first = tl.load(gs_ptr + row + j)  # storage index of the group's first token
-            tmask = t < cnt
-            mask = tmask[:, None] & dmask[None, :]
-            k = _dequant_tile(kc_ptr, ks_ptr, ko_ptr, blk, t, d, mask, s_cg, s_ct, s_ksg, s_kst,
-                              BITS, K_CH, ZERO).to(q.dtype)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            valid = gmask[:, None] & tmask[None, :]
-            p = tl.where(valid, tl.exp2(qk * qk_scale - tl.where(valid, lse[:, None], 0.0)), 0.0)
-            tl.store(col + first + t, tl.sum(p, 0), mask=tmask)
-
-        length = tl.load(tl_ptr + b * s_tlb + hk * s_tlh)
-        npin = tl.load(np_ptr + b * s_nb + hk * s_nh)
-        n_sealed = tl.load(ns_ptr + b * s_nb + hk * s_nh)
-        t_start, t_end = _tail_range(split, S_G, TOK_PER_SPLIT, length)
-        trow = tt_ptr + b * s_ttb + hk * s_tth
-        for t0 in range(t_start, t_end, BLOCK_N):
-            tt = t0 + tl.arange(0, BLOCK_N)
-            tmask = tt < t_end
-            blk = tl.load(trow + tt // BS, mask=tmask, other=0).to(tl.int64)
-            off = tt % BS
-            k = tl.load(tk_ptr + blk[:, None] * s_tkb + off[:, None] * s_tkt + d[None, :],
-                        mask=tmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = qk * qk_scale
-            if HAS_BIAS:
-                bias = tl.load(tx_ptr + blk * s_txb + off * s_txt, mask=tmask, other=0.0).to(tl.float32)
-                qk = qk + bias[None, :] * 1.4426950408889634
+            tmask = t < tl.load(gc_ptr + row + j)
+            k = _dequant_tile(kc_ptr, ks_ptr, ko_ptr, blk, t, d, tmask[:, None] & dmask[None, :], s_cg, s_ct, s_ksg,
+                              s_kst, BITS, K_CH, ZERO)
+            qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE) * qk_scale
             valid = gmask[:, None] & tmask[None, :]
             p = tl.where(valid, tl.exp2(qk - tl.where(valid, lse[:, None], 0.0)), 0.0)
-            at = tl.where(tt < npin, tt, tt + n_sealed)  # storage order: [pinned][sealed][recent]
-            tl.store(col + at, tl.sum(p, 0), mask=tmask)
+            tl.store(col + tl.load(gs_ptr + row + j) + t, tl.sum(p, 0), mask=tmask)  # from the group's first index
+
+        npin = tl.load(np_ptr + at_h)
+        n_sealed = tl.load(ns_ptr + at_h)
+        trow = tt_ptr + b * s_ttb + hk * s_tth
+        for t0 in range(t_start, t_end, BLOCK_N):
+            tt, tmask, rows, k, bias = _tail_tile(tk_ptr, tx_ptr, trow, t0, t_end, d, dmask, s_tkb, s_tkt, s_txb, s_txt,
+                                                  BS, BLOCK_N, HAS_BIAS)
+            qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE) * qk_scale + bias[None, :]
+            valid = gmask[:, None] & tmask[None, :]
+            p = tl.where(valid, tl.exp2(qk - tl.where(valid, lse[:, None], 0.0)), 0.0)
+            tl.store(col + tl.where(tt < npin, tt, tt + n_sealed), tl.sum(p, 0), mask=tmask)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -467,8 +440,8 @@ def quant_decode_attention_triton(q, s: Sealed, tail: Tail, scale, return_colsum
     return out, col
 
 
-def quant_decode_attention(q, sealed: Sealed, tail: Tail, scale, return_colsum=False, impl=None):
-    """Dispatcher: the Triton split-K kernel on CUDA, the reference elsewhere."""
+def quant_decode_attention(q, sealed: Sealed, tail: Tail, scale, return_colsum=False, impl=None, chunk=16):
+    """Dispatcher: the Triton split-K kernel on CUDA, the reference elsewhere (`chunk` groups at a time)."""
     if choose_impl(q.device, impl) == "triton":
         return quant_decode_attention_triton(q, sealed, tail, scale, return_colsum)
-    return quant_decode_attention_ref(q, sealed, tail, scale, return_colsum)
+    return quant_decode_attention_ref(q, sealed, tail, scale, return_colsum, chunk=chunk)

@@ -46,5 +46,6 @@ class QuantizedFormat(SealedFormat):
         return Tail(self.tail.k, self.tail.v, pages.table[slots_t], pages.lengths[slots_t], self.tail.bias)
 
     def attend_decode(self, q, slots_t, scale, colsum=False):
-        res = quant_decode_attention(q, self.sealed_view(slots_t), self.tail_view(slots_t), scale, colsum)
+        res = quant_decode_attention(q, self.sealed_view(slots_t), self.tail_view(slots_t), scale, colsum,
+                                     chunk=self.chunk_groups)
         return res if colsum else (res, None)

@@ -75,6 +75,9 @@ class Kivi(Method):
 
     def make_format(self, layer, n_slots, block_size, desc, with_bias, pinned):
         D = desc.head_dim
+        if D * self.bits % 8:
+            raise ProfileError(f"kivi.bits {self.bits} cannot pack head_dim {D} of {desc.name} into whole bytes "
+                               "(use bits 4)")
         if D % self.group:
             raise ProfileError(f"kivi.group must divide head_dim ({D}) of {desc.name}: values are quantized per "
                                f"token in groups of that many channels, got {self.group}")

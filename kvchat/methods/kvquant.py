@@ -54,7 +54,7 @@ class KVQuant(Method):
     bits: int = 8
     group: int = 64
     residual: int = 0
-    block: int = 32
+    block: int = 16
 
     def __post_init__(self):
         self._int("bits")
@@ -73,6 +73,9 @@ class KVQuant(Method):
 
     def make_format(self, layer, n_slots, block_size, desc, with_bias, pinned):
         D = desc.head_dim
+        if D * self.bits % 8:
+            raise ProfileError(f"kvquant.bits {self.bits} cannot pack head_dim {D} of {desc.name} into whole bytes "
+                               "(use bits 8)")
         if D % self.group:
             raise ProfileError(f"kvquant.group must divide head_dim ({D}) of {desc.name}: each token is quantized in "
                                f"groups of that many channels, got {self.group}")

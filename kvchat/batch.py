@@ -132,11 +132,12 @@ class Stats:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / max(time.perf_counter() - self.t0, 1e-9)
 
-    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool) -> dict:
+    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool, quality=None) -> dict:
         st = engine.store if engine is not None else None
         peak_h, peak_f = (st.peak_held, st.peak_full) if st else (0, 0)
         avg_h, avg_f = kv_average(st)
         wall = time.perf_counter() - self.t0
+        extra = {"quality": quality.summary()} if quality is not None else {}
         return {
             "model": opts["model"], "profile": opts["profile"], "batch_size": batch_size, "max_kv_bytes": cap,
             "prompts": self.n, "ok": self.ok, "errors": self.errors, "skipped": self.skipped,
@@ -146,6 +147,7 @@ class Stats:
             "max_concurrent": engine.peak_live if engine is not None else 0,
             "kv": {"peak_bytes_held": peak_h, "peak_bytes_full": peak_f, "peak_saved": _saved(peak_h, peak_f),
                    "avg_bytes_held": avg_h, "avg_bytes_full": avg_f, "avg_saved": _saved(avg_h, avg_f)},
+            **extra,
         }
 
 
@@ -168,14 +170,19 @@ def summary_text(s: dict) -> str:
     head = f"batch: {s['prompts']:,} prompts, {s['ok']:,} ok, {s['errors']:,} errors"
     if s["skipped"]:
         head += f" ({s['skipped']:,} skipped: already in OUT)"
-    return "\n".join([
+    lines = [
         head + (" [interrupted]" if s["interrupted"] else ""),
         f"tokens: {s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} generated in {s['wall_s']:.1f} s "
         f"({s['tokens_per_s']:.1f} tokens/s); up to {s['max_concurrent']} decoding at once",
         f"KV ({s['profile']}): peak {_mb(kv['peak_bytes_held'])} held vs {_mb(kv['peak_bytes_full'])} full "
         f"({kv['peak_saved']:.0%} saved); average {_mb(kv['avg_bytes_held'])} vs {_mb(kv['avg_bytes_full'])} "
         f"({kv['avg_saved']:.0%} saved)",
-    ])
+    ]
+    q = s.get("quality")
+    if q:
+        lines.append(f"quality vs full over {q['compared']:,} answers: KL {q['kl_mean']:.4f} nats/token, top-1 agreement "
+                     f"{q['top1_agreement']:.1%}, {q['diverged']:,} diverged")
+    return "\n".join(lines)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -213,7 +220,7 @@ def _check_args(inp, out, resume, max_kv_bytes) -> int | None:
     return cap
 
 
-def prepare(jobs: list[Job], lm, opts: dict):
+def prepare(jobs: list[Job], lm, opts: dict, logprobs: int = 0):
     """Encode every runnable job; one whose template or options fail gets its error instead."""
     from kvchat.engine import Request
 
@@ -221,7 +228,8 @@ def prepare(jobs: list[Job], lm, opts: dict):
     for pos, job in enumerate(jobs):
         if job.error is None:
             try:
-                reqs.append(Request(str(pos), encode_job(lm.tokenizer, job, opts.get("system")), job_params(job, opts)))
+                reqs.append(Request(str(pos), encode_job(lm.tokenizer, job, opts.get("system")), job_params(job, opts),
+                                    logprobs=logprobs))
             except LineError as e:
                 job.error = str(e)
     return reqs
@@ -229,10 +237,11 @@ def prepare(jobs: list[Job], lm, opts: dict):
 
 def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool = False,
               summary_path: str | None = None, max_kv_bytes: str | None = None, progress: bool | None = None,
-              loaded=None) -> dict:
+              loaded=None, compare_full: bool = False) -> dict:
     """Run every line of IN; write OUT; print the summary on stderr and return it.
 
-    `loaded` = (profile, lm) skips loading (tests, benchmarks)."""
+    `loaded` = (profile, lm) skips loading (tests, benchmarks). `compare_full` scores every answer with
+    the full cache (kvchat/quality/compare.py) and adds a "quality" object to its line."""
     cap = _check_args(inp, out, resume, max_kv_bytes)
     jobs = parse_lines(_read_lines(inp))
     try:
@@ -253,8 +262,11 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     profile, lm = loaded
     from kvchat.engine import Engine
 
-    reqs = prepare(todo, lm, opts)
+    from kvchat.quality.compare import TOPK, Averages
+
+    reqs = prepare(todo, lm, opts, logprobs=TOPK if compare_full else 0)
     engine = Engine(lm, profile, max_slots=batch_size, truncate="left" if opts.get("truncate") == "left" else None)
+    quality = Averages() if compare_full else None
     stats = Stats(len(todo), skipped=len(jobs) - len(todo))
     if progress is None:
         progress = sys.stderr.isatty()
@@ -263,7 +275,7 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     try:
         with Interrupts() as guard:
             try:
-                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress)
+                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress, quality)
             except KeyboardInterrupt:
                 interrupted = True
             except BrokenPipeError:  # the reader of `-` went away (`| head`): stop quietly, as cat does
@@ -272,7 +284,7 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     finally:
         if close:
             f.close()
-    summary = stats.summary(engine, opts, batch_size, cap, interrupted)
+    summary = stats.summary(engine, opts, batch_size, cap, interrupted, quality)
     click.echo(summary_text(summary), err=True)
     if summary_path:
         write_json_atomic(summary_path, summary)
@@ -283,7 +295,21 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     return summary
 
 
-def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool) -> None:
+def _quality(ref, req, res, averages) -> dict:
+    """The answer scored by the full cache; the prompt is what the engine ran (its end, if truncated)."""
+    from kvchat.errors import KvchatError
+    from kvchat.quality.compare import compare_answer, public
+
+    try:
+        q = compare_answer(ref, req.prompt_ids[len(req.prompt_ids) - res.prompt_tokens:], res.logprobs)
+    except KvchatError as e:
+        return {"error": str(e)}
+    averages.add(q)
+    return public(q)
+
+
+def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool,
+              quality=None) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -303,8 +329,13 @@ def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats
         for pos, job in enumerate(todo):
             if job.error is not None:
                 finish(pos, job.error_record())
+        by_id = {r.id: r for r in reqs}
+        ref = engine.reference() if quality is not None else None
         for res in engine.run(reqs, max_kv_bytes=cap, on_error=on_error):
             pos = int(res.id)
-            finish(pos, result_record(todo[pos], res), res)
+            rec = result_record(todo[pos], res)
+            if ref is not None:
+                rec["quality"] = _quality(ref, by_id[res.id], res, quality)
+            finish(pos, rec, res)
     finally:
         bar.close()

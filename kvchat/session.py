@@ -19,6 +19,7 @@ class Turn:
     result: Result
     prefill_tokens: int  # tokens fed to the model for this turn's prompt (the delta, not the transcript)
     reused: bool  # the store from earlier turns was kept
+    context_ids: list[int] = field(default_factory=list)  # every token before the answer (for /compare)
 
 
 @dataclass
@@ -28,12 +29,14 @@ class Session:
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     truncate: str | None = None
+    logprobs: int = 0  # record each answer's top-k log-probabilities (the REPL's /compare)
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
     def __post_init__(self):
         self.engine = Engine(self.lm, self.profile, max_slots=1, truncate=self.truncate)
         self._fed_text = ""  # rendered text of every token in the store, in order
+        self._fed_ids: list[int] = []  # and the tokens themselves
         self._pos = 0
 
     # ---- conversation state ------------------------------------------------------------------------
@@ -47,7 +50,7 @@ class Session:
 
     def _drop_store(self) -> None:
         self.engine.store.free_slot(0)
-        self._fed_text, self._pos = "", 0
+        self._fed_text, self._fed_ids, self._pos = "", [], 0
 
     def render(self, messages: list[dict], add_generation_prompt=True) -> str:
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + messages
@@ -66,7 +69,9 @@ class Session:
             self._drop_store()
         delta = full[len(self._fed_text):]
         ids = self.encode(delta)
-        seq = self.engine.start(Request(str(len(self.turns)), ids, self.params), on_token, slot=0, pos=self._pos)
+        seq = self.engine.start(Request(str(len(self.turns)), ids, self.params, self.logprobs), on_token, slot=0,
+                                pos=self._pos)
+        context = self._fed_ids + seq.req.prompt_ids
         while not seq.finish:
             if should_stop is not None and should_stop():
                 seq.finish = "interrupted"
@@ -75,8 +80,9 @@ class Session:
         fed = seq.out[: seq.n_fed]  # the last sampled token (or the EOS) is not in the store yet
         self._pos = seq.pos
         self._fed_text = full + self.lm.tokenizer.decode(fed, skip_special_tokens=False)
+        self._fed_ids = context + fed
         result = self.engine.result(seq)
         self.messages = messages + [{"role": "assistant", "content": result.text}]
-        turn = Turn(text, result, prefill_tokens=len(seq.req.prompt_ids), reused=reused)
+        turn = Turn(text, result, prefill_tokens=len(seq.req.prompt_ids), reused=reused, context_ids=context)
         self.turns.append(turn)
         return turn

@@ -144,8 +144,9 @@ class Runner:
         return self.lm_head(self.norm(x_last)).float()
 
     @torch.no_grad()
-    def prefill(self, store, slot: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run a chunk for one slot on top of what the store holds; -> logits of the chunk's last token."""
+    def prefill(self, store, slot: int, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run a chunk for one slot on top of what the store holds; -> logits of the chunk's last token,
+        or with `all_logits` (T', vocab) of every token still in the residual stream (teacher forcing)."""
         x = self.embed(ids)  # (T, hidden)
         cos, sin = self._rope_tables(x, positions)  # (T, 1, D), gathered alongside x when tokens drop
         self.stats["prefill_tokens"] += ids.shape[0]
@@ -171,7 +172,7 @@ class Runner:
                 keep = m.after_prefill_layer(PrefillCtx(li, slot, store, positions, rows, start))
                 if keep is not None:  # the method dropped tokens from the residual stream
                     x, positions, cos, sin = x[keep], positions[keep], cos[keep], sin[keep]
-        return self.logits(x[-1:])[0]
+        return self.logits(x) if all_logits else self.logits(x[-1:])[0]
 
     @torch.no_grad()
     def decode(self, store, slots: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ whatever its (compressed) cache holds.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,18 @@ class Request:
     id: str
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: int = 0  # record the top-k log-probabilities of every sampled token's distribution (0: off)
+
+
+@dataclass
+class Logprobs:
+    """What a run's distributions were, step by step, for teacher-forced comparisons: the top-k of each
+    sampled token's log-softmax (temperature 1, before sampling). k x 12 bytes a step, so a batch of
+    8 x 256 tokens at k = 256 records ~6 MB instead of the ~400 MB of whole fp32 distributions."""
+
+    tokens: list[int]  # every sampled token, a final EOS included
+    values: torch.Tensor  # (n, k) float32 log-probabilities, descending
+    indices: torch.Tensor  # (n, k) int32 token ids
 
 
 @dataclass
@@ -38,6 +51,7 @@ class Result:
     prompt_tokens: int
     kv: dict
     timing: dict
+    logprobs: Logprobs | None = None  # when the request asked for them
 
     @property
     def completion_tokens(self) -> int:
@@ -61,6 +75,7 @@ class Seq:
     t0: float = 0.0
     t_prefill: float = 0.0
     prefilled: int = 0
+    trace: list | None = None  # (token, top-k values, top-k indices) per sampled token, when recording
 
 
 TokenCallback = Callable[[str, str], None]  # (request id, text delta)
@@ -70,7 +85,7 @@ class Engine:
     """Owns the model runner, the store and the methods of one profile."""
 
     def __init__(self, lm, profile: Profile, max_slots: int = 1, block_size: int = 16, prefill_chunk: int | None = None,
-                 truncate: str | None = None, progress=None):
+                 truncate: str | None = None, progress=None, runner: Runner | None = None):
         self.lm, self.desc, self.tok = lm, lm.desc, lm.tokenizer
         self.profile = fresh(profile)
         self.methods = self.profile.methods
@@ -79,7 +94,7 @@ class Engine:
         aliases: dict[int, int] = {}
         for m in self.methods:
             aliases.update(m.aliases(self.desc))
-        self.runner = Runner(lm, self.methods, max_slots=max_slots)
+        self.runner = runner or Runner(lm, self.methods, max_slots=max_slots)
         self.store = KVStore(self.desc, max_slots, block_size, with_bias=any(m.needs_bias() for m in self.methods),
                              aliases=aliases)
         self.max_slots = max_slots
@@ -104,15 +119,23 @@ class Engine:
             raise PromptTooLong(f"conversation would reach {past + n:,} tokens; model max is {self.max_ctx:,} (use /reset)")
         raise PromptTooLong(f"prompt is {n:,} tokens; model max is {limit:,} (use --truncate left)")
 
-    def prefill(self, seq: Seq, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` on top of the slot's store; -> logits for the next token."""
+    def prefill(self, seq: Seq, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` on top of the slot's store; -> logits for the next token, or with `all_logits`
+        (len(ids), vocab) logits predicting each token after each of `ids` (teacher forcing)."""
         t = time.perf_counter()
         chunk = self.prefill_chunk or len(ids)
         dev = self.desc.device
+        parts = []
         for i in range(0, len(ids), chunk):
             part = ids[i : i + chunk]
             pos = torch.arange(seq.pos, seq.pos + len(part), device=dev)
-            logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos)
+            logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos,
+                                         all_logits=all_logits)
+            if all_logits:
+                if logits.shape[0] != len(part):
+                    raise ValueError(f"a method dropped {len(part) - logits.shape[0]} of {len(part)} tokens' "
+                                     "hidden states: per-position logits need a profile that keeps them (full)")
+                parts.append(logits)
             seq.pos += len(part)
             self.store.seen[seq.slot] += len(part)
             for m in self.methods:
@@ -121,11 +144,14 @@ class Engine:
         self.store.trim()
         seq.prefilled += len(ids)
         seq.t_prefill += time.perf_counter() - t
-        return logits
+        return torch.cat(parts) if all_logits else logits
 
     def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None) -> None:
         p = seq.req.params
         tok = sample(logits, p, seq.gen)
+        if seq.trace is not None:
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(seq.req.logprobs, logits.shape[-1]))
+            seq.trace.append((tok, top.values, top.indices.to(torch.int32)))
         if tok in self.lm.eos_ids:
             seq.finish = "stop"
             self._emit(seq, on_token, final=True)
@@ -160,27 +186,33 @@ class Engine:
         ids = self.check_prompt(req, past=pos)
         if slot is None:
             slot = self.free_slots.pop()
-        seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter())
-        seq.req = Request(req.id, ids, req.params)
+        seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter(),
+                  trace=[] if req.logprobs > 0 else None)
+        seq.req = Request(req.id, ids, req.params, req.logprobs)
         self._accept(seq, self.prefill(seq, ids), on_token)
         return seq
 
     def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
         """One decode step for every live sequence in `seqs`."""
+        logits = self._feed(seqs, [s.last for s in seqs])
+        for i, s in enumerate(seqs):
+            s.n_fed += 1
+            self._accept(s, logits[i], on_token)
+
+    def _feed(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each sequence (a decode step, methods included); -> logits (B, vocab)."""
         dev = self.desc.device
         slots = torch.tensor([s.slot for s in seqs], device=dev)
-        ids = torch.tensor([s.last for s in seqs], device=dev)
+        ids = torch.tensor(tokens, device=dev)
         pos = torch.tensor([s.pos for s in seqs], device=dev)
         logits = self.runner.decode(self.store, slots, ids, pos)
         for s in seqs:
             s.pos += 1
-            s.n_fed += 1
             self.store.seen[s.slot] += 1
         for m in self.methods:
             m.after_decode(self.store, slots.tolist())
         self.store.note(slots.tolist())
-        for i, s in enumerate(seqs):
-            self._accept(s, logits[i], on_token)
+        return logits
 
     def usage(self, slot: int) -> Usage:
         """KV bytes of the sequence in `slot`: the one way callers read memory figures."""
@@ -209,6 +241,7 @@ class Engine:
             prompt_tokens=len(seq.req.prompt_ids), kv=self.usage(seq.slot).record(self.profile.name),
             timing={"prefill_s": round(seq.t_prefill, 4), "decode_s": round(decode_s, 4),
                     "tokens_per_s": round(n / decode_s, 2) if n else 0.0},
+            logprobs=_logprobs(seq.trace) if seq.trace else None,
         )
 
     def release(self, seq: Seq) -> None:
@@ -258,3 +291,48 @@ class Engine:
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None, on_token=None, rid="0") -> Result:
         """One prompt, start to finish, in a fresh slot."""
         return next(iter(self.run([Request(rid, prompt_ids, params or SamplingParams())], on_token)))
+
+    # ---- teacher forcing: measuring what a profile changes --------------------------------------------
+    def force_start(self, ids: list[int]) -> tuple[Seq, torch.Tensor]:
+        """Prefill `ids` into a free slot without sampling. -> (the sequence, logits for the next token);
+        continue with `force`, end with `release`."""
+        if not ids or len(ids) >= self.max_ctx:
+            raise PromptTooLong(f"teacher forcing needs 1 to {self.max_ctx - 1:,} tokens, got {len(ids):,}")
+        seq = Seq(req=Request("forced", list(ids)), slot=self.free_slots.pop(), t0=time.perf_counter())
+        return seq, self.prefill(seq, ids)
+
+    def force(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
+        """One decode step that feeds `tokens` (one per sequence) instead of sampled ones; the methods run
+        as in generation, so evictions during decode count. -> logits (B, vocab) for the next tokens."""
+        if any(s.pos + 1 >= self.max_ctx for s in seqs):
+            raise PromptTooLong(f"teacher forcing past the model's {self.max_ctx:,} positions")
+        return self._feed(seqs, tokens)
+
+    def score_continuation(self, prompt_ids: list[int], answer_ids: list[int]) -> torch.Tensor:
+        """Logits (len(answer_ids), vocab): row i predicts answer_ids[i] from the prompt and the answer
+        before it. One prefill in a fresh slot (prompt, then the answer as a second chunk), so it is
+        meant for profiles that keep every token's hidden state (`full`, see `reference`)."""
+        if len(prompt_ids) + len(answer_ids) > self.max_ctx:
+            raise PromptTooLong(f"prompt + answer is {len(prompt_ids) + len(answer_ids):,} tokens; "
+                                f"model max is {self.max_ctx:,}")
+        seq, first = self.force_start(prompt_ids)
+        try:
+            rest = self.prefill(seq, answer_ids[:-1], all_logits=True) if len(answer_ids) > 1 else first[:0]
+        finally:
+            self.release(seq)
+        return torch.cat([first.unsqueeze(0), rest])
+
+    def reference(self) -> "Engine":
+        """A one-slot `full` engine over this engine's weights (shared, not copied): the yardstick for
+        teacher-forced comparisons beside a compressed engine costs a store, not a second model."""
+        from kvchat.profiles import load_profile
+
+        runner = copy.copy(self.runner)  # same fused weights and modules, no methods, own counters
+        runner.methods = []
+        runner.stats = {k: 0 for k in self.runner.stats}
+        return Engine(self.lm, load_profile("full"), max_slots=1, block_size=self.store.block_size, runner=runner)
+
+
+def _logprobs(trace: list) -> Logprobs:
+    return Logprobs([t for t, _, _ in trace], torch.stack([v for _, v, _ in trace]),
+                    torch.stack([i for _, _, i in trace]))

@@ -164,7 +164,7 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
 @click.option("--model", "-m", default=None, help=f"Model: {EMBEDDED} (embedded, default), a local dir or a hub id. Env KVCHAT_MODEL.")
 @click.option("--profile", "-p", "profiles", default=None, help="Comma list of shipped profile names or .yaml paths [default: every shipped profile].")
 @click.option("--lengths", default="1024,2048", show_default=True, help="Prompt lengths in tokens for the retrieval tasks, comma separated.")
-@click.option("--tasks", default="passkey,multikey,reassign", show_default=True, help="Retrieval tasks, comma separated.")
+@click.option("--tasks", default="passkey,reassign", show_default=True, help="Retrieval tasks, comma separated: passkey, reassign, multikey (beyond the embedded 135M model).")
 @click.option("--cases", type=click.IntRange(1), default=1, show_default=True, help="Cases per task and length (each its own seed).")
 @click.option("--split", type=click.Choice(["heldout", "tuning"]), default="heldout", show_default=True, help="Seed range: held-out (1000+, for reporting) or tuning (0-999).")
 @click.option("--text", "text", type=click.Path(dir_okay=False), default=None, help="Fidelity text file [default: Python's own documentation, pydoc_data].")

@@ -7,8 +7,8 @@ The library API benchmarks and tests import:
 
 from kvchat.quality.scoring import numbers, score
 from kvchat.quality.sources import FILLERS
-from kvchat.quality.tasks import (HELD_OUT_START, PHRASINGS, SPLITS, TASKS, TUNING, Case, chat_ids, make_case,
-                                  make_cases, seeds)
+from kvchat.quality.tasks import (DEFAULT_TASKS, HELD_OUT_START, PHRASINGS, SPLITS, TASKS, TUNING, Case, chat_ids,
+                                  make_case, make_cases, seeds)
 
-__all__ = ["FILLERS", "HELD_OUT_START", "PHRASINGS", "SPLITS", "TASKS", "TUNING", "Case", "chat_ids",
-           "make_case", "make_cases", "numbers", "score", "seeds"]
+__all__ = ["DEFAULT_TASKS", "FILLERS", "HELD_OUT_START", "PHRASINGS", "SPLITS", "TASKS", "TUNING", "Case",
+           "chat_ids", "make_case", "make_cases", "numbers", "score", "seeds"]

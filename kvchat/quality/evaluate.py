@@ -15,7 +15,7 @@ from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.errors import KvchatError
 from kvchat.quality import fidelity
 from kvchat.quality.scoring import score
-from kvchat.quality.tasks import TASKS, make_case, seeds
+from kvchat.quality.tasks import DEFAULT_TASKS, TASKS, make_case, seeds
 
 
 MIN_LENGTH = 256  # the facts, the question and the template take ~150 tokens
@@ -24,7 +24,7 @@ MIN_LENGTH = 256  # the facts, the question and the template take ~150 tokens
 @dataclass
 class Settings:
     lengths: tuple[int, ...] = (1024, 2048)
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     cases: int = 1  # per task and length
     split: str = "heldout"
     prefix: int = 1024  # fidelity: tokens prefilled under the profile

@@ -8,7 +8,7 @@
 Tasks (the question always comes after the context, inside what the cache compresses):
     passkey   one number hidden at a depth of the filler
     multikey  four labelled numbers; one label is asked for, the other three are distractors
-    reassign  one label assigned three times along the context; the last value must be returned
+    reassign  one label assigned, then reassigned further on; the last value must be returned
 
 A seed fixes everything: the filler kind (`seed + task index` mod 4, so any four consecutive seeds cover
 the four fillers), the phrasing of the facts and the question (`seed // 4` mod 3), the depths and the
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from kvchat.quality.sources import FILLERS, JOINERS, units
 
 TASKS = ("passkey", "multikey", "reassign")
+# multikey is beyond SmolLM2-135M even with the full cache (3 of 12 at 2k tokens; 6 of 12 with two keys),
+# so `kvchat eval` leaves it out unless asked (--tasks): it would measure the model, not the cache.
+DEFAULT_TASKS = ("passkey", "reassign")
 TUNING = range(0, 1000)
 HELD_OUT_START = 1000
 SPLITS = ("heldout", "tuning")
@@ -44,20 +47,21 @@ MULTIKEY = (
     ("The pass key for {k} is {v}.", "Tell me the pass key for {k}.",
      ("Oslo", "Lima", "Cairo", "Quito", "Hanoi", "Dakar", "Perth", "Riga")),
 )
-# (first assignment, later assignments, question, labels)
+# (first assignment, later assignments, question, labels). "Update: ... has changed" makes the last one
+# stand out for the 135M model (full: 9 of 12 at 2k tokens without it, 11 of 12 with it).
 REASSIGN = (
-    ("The value of {k} is {v}.", "Now the value of {k} is {v}.", "What is the value of {k} now? Answer with the number only.",
-     ("X", "Y", "Z", "Q")),
-    ("The {k} counter reads {v}.", "Update: the {k} counter now reads {v}.",
-     "What does the {k} counter read after the last update? Reply with just the number.",
-     ("north", "south", "east", "west")),
-    ("{k} lives in room {v}.", "{k} has moved to room {v}.", "Which room does {k} live in now?",
-     ("Mr. Smith", "Ms. Novak", "Dr. Okafor", "Mrs. Tanaka")),
+    ("The value of {k} is {v}.", "Update: the value of {k} has changed. The value of {k} is now {v}.",
+     "What is the value of {k} now? Answer with the number only.", ("X", "Y", "Z", "Q")),
+    ("The {k} counter reads {v}.", "Update: the {k} counter has changed and now reads {v}.",
+     "What does the {k} counter read now? Reply with just the number.", ("north", "south", "east", "west")),
+    ("The combination of the {k} safe is {v}.",
+     "Update: the combination of the {k} safe has changed. The combination of the {k} safe is now {v}.",
+     "What is the combination of the {k} safe now? Give only the number.", ("office", "hotel", "bank", "garage")),
 )
 PHRASINGS = {"passkey": len(PASSKEY), "multikey": len(MULTIKEY), "reassign": len(REASSIGN)}
 N_KEYS = 4
-N_ASSIGN = 3
-CLUSTER = False
+N_ASSIGN = 2  # with three, full found 5 of 12 at 2k tokens (the 135M model returns an earlier value)
+
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def _facts(task: str, phrasing: int, seed: int, rng: random.Random, filler_text:
         fact, question, labels = MULTIKEY[phrasing]
         keys = rng.sample(labels, N_KEYS)
         vals = _values(rng, N_KEYS, filler_text)
-        depths = [rng.uniform(0.05, 0.95)] * N_KEYS if CLUSTER else sorted(rng.uniform(0.05, 0.95) for _ in keys)
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in keys)
         target = rng.randrange(N_KEYS)
         return ([fact.format(k=k, v=v) for k, v in zip(keys, vals)], depths, question.format(k=keys[target]),
                 vals[target], tuple(v for i, v in enumerate(vals) if i != target))
@@ -129,6 +133,18 @@ def _facts(task: str, phrasing: int, seed: int, rng: random.Random, filler_text:
         facts = [first.format(k=k, v=vals[0])] + [later.format(k=k, v=v) for v in vals[1:]]
         return facts, depths, question.format(k=k), vals[-1], tuple(vals[:-1])
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+
+
+def _head(unit: list[str], budget: int, tokenizer) -> list[str]:
+    """The sentences of a unit that fit `budget` tokens: a long paragraph must not leave a gap."""
+    if not unit or budget < 16:
+        return []
+    out = []
+    for sentence in re.split(r"(?<=\. )", unit[0]):
+        if len(tokenizer(" ".join(out + [sentence]), add_special_tokens=False)["input_ids"]) > budget - 4:
+            break
+        out.append(sentence)
+    return ["".join(out).strip()] if out else []
 
 
 def _assemble(kind: str, filler: list[str], facts: list[str], depths: list[float], question: str) -> str:
@@ -158,7 +174,7 @@ def make_case(task: str, n_tokens: int, seed: int, tokenizer) -> Case:
     while take < len(pool) and used + costs[take] <= n_tokens:
         used += costs[take]
         take += 1
-    filler = pool[:take]
+    filler = pool[:take] + _head(pool[take:take + 1], n_tokens - used, tokenizer)
     while True:  # units tokenized alone miscount at the joins by a token or two: trim until it fits
         content = _assemble(kind, filler, facts, depths, question)
         ids = chat_ids(tokenizer, content)

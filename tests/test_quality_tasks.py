@@ -9,7 +9,7 @@ import pytest
 
 from kvchat.quality import FILLERS, PHRASINGS, TASKS, Case, make_case, make_cases, numbers, score, seeds
 from kvchat.quality.sources import units
-from kvchat.quality.tasks import MULTIKEY, PASSKEY, REASSIGN
+from kvchat.quality.tasks import PASSKEY
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,6 @@ def test_fillers_are_python_text_not_ours():
     assert re.search(r"\d+: [a-z]", got["lists"])  # "8364: euro sign"
     assert re.search(r"\b(def|return|import|self|if)\b", got["code"])
     assert len(got["prose"].split(". ")) > 2
-    for phr in (*PASSKEY, *MULTIKEY, *REASSIGN):  # no phrasing of ours hides inside the filler text
-        assert phr[0].split("{")[0][:12] not in got["prose"]
 
 
 def _case(answer, distractors=()):

@@ -31,7 +31,7 @@ class Reference:
 
     @property
     def ppl(self) -> float:
-        return math.exp(-self.logp.gather(1, self.targets.view(-1, 1)).mean().item())
+        return math.exp(-self.logp.gather(1, self.targets.view(-1, 1)).double().mean().item())
 
 
 def text_ids(tokenizer, path: str | None, prefix: int, scored: int) -> list[int]:

@@ -133,7 +133,7 @@ def evaluate(lm, profiles: list, s: Settings, progress: bool | None = None) -> R
 def _profile(lm, prof, cases, ids, ref, s: Settings, bar) -> dict:
     t = time.perf_counter()
     bar.set_postfix_str(prof.name)
-    engine = Engine(lm, prof, progress=bar.write)
+    engine = Engine(lm, prof, progress=lambda m: bar.write(m, file=sys.stderr))  # calibration messages
     done = []
     for case in cases:
         done.append(run_case(engine, case, s.max_new_tokens))

@@ -34,7 +34,10 @@ SPLITS = ("heldout", "tuning")
 
 # (fact, question) per phrasing; {v} is the value.
 PASSKEY = (
-    ("The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key? Answer with the number only."),
+    # Not "pass key": the prose filler is Python's documentation, where "pass" is a statement the 135M
+    # model then explains instead of answering.
+    ("The magic number is {v}. Remember it. {v} is the magic number.",
+     "What is the magic number? Answer with the number only."),
     ("Keep this secret number in mind: {v}.", "What was the secret number? Reply with just the number."),
     ("Note: the access code for the vault is {v}.", "Which access code opens the vault?"),
 )

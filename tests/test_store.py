@@ -69,7 +69,7 @@ def test_full_profile_bytes_are_physical_and_close_to_full():
     d = lm.desc
     # At most one partly filled block per (slot, layer, head), plus the index tensors.
     block = 16 * d.head_dim * 2 * 4
-    meta = sum(st.table.nbytes + st.lengths.nbytes + st.pos[:1].nbytes * 0 for st in store.owned())
+    meta = sum(st.table.nbytes + st.lengths.nbytes for st in store.owned())
     pos_bytes = sum(st.slot_blocks[s] * 16 * 4 for st in store.owned() for s in range(2))
     overhead = store.bytes_held() - full
     assert 0 <= overhead <= 2 * d.n_layers * d.n_kv_heads * block + pos_bytes + meta
@@ -88,7 +88,7 @@ def test_window_bytes_stay_flat_during_decode():
         held.append(eng.store.bytes_held())
         full.append(eng.store.bytes_full())
     assert len(held) > 200
-    assert max(held[50:]) == max(held[:50]) or max(held[50:]) <= max(held)  # bounded
+    assert max(held[50:]) <= max(held[:50])  # flat: the window's sawtooth peaks early and never grows
     assert max(held) - min(held[10:]) <= lm.desc.n_layers * lm.desc.n_kv_heads * eng.store.layers[0].block_bytes * 2
     assert full[-1] > 3 * full[0] / 2 and held[-1] < full[-1] / 3
     assert all(n <= 4 + 32 + 8 for heads in eng.store.tokens_kept(0) for n in heads)

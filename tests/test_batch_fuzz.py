@@ -10,7 +10,7 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from kvchat.batch_io import encode_record, parse_lines, read_done, split_lines
+from kvchat.batch_io import encode_record, parse_lines, read_done
 from kvchat.cli import main
 
 WORDS = ["Say hi.", "Name a fruit.", "What is 2 + 2?", "Count to three.", "Name a color.", "Hello!"]
@@ -124,11 +124,14 @@ def generate(seed: int, n: int) -> tuple[list[bytes], list[object]]:
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_fuzzed_lines_parse_to_the_expected_verdict_without_exceptions(seed):
+def test_fuzzed_lines_parse_to_the_expected_verdict_without_exceptions(seed, tmp_path):
     """The reader alone, on many more generated files (no model): every good line parses, every bad one
     gets a message naming its line, and every record encodes as one UTF-8 line."""
+    from kvchat.batch import _read_lines
+
     lines, expect = generate(seed, 300)
-    jobs = parse_lines(split_lines(b"\n".join(lines) + b"\n"))
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    jobs = parse_lines(_read_lines(str(tmp_path / "in.jsonl")))
     assert [j.error is None for j in jobs] == [e is not None for e in expect]
     for j, rid in zip(jobs, expect):
         rec = j.record() if j.error is None else j.error_record()

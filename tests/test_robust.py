@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import kvchat
 from conftest import chat_ids
 from kvchat.batch import run_batch
-from kvchat.batch_io import parse_line, parse_lines, split_lines
+from kvchat.batch_io import parse_line, parse_lines
 from kvchat.cli import main
 from kvchat.commands import handle
 from kvchat.engine import SamplingParams
@@ -176,11 +176,18 @@ def test_kvchat_home_pointing_at_a_file_is_a_one_line_error(tmp_path, monkeypatc
 
 # ---- 4. --truncate left keeps the template ------------------------------------------------------------
 @pytest.mark.model
-def test_truncate_left_keeps_the_template_and_answers(embedded, tmp_path):
-    """On a model given a 320-position context, a ~1,000-token prompt cut with --truncate left still has
-    its chat framing, so the model answers the question at its end (main gave an empty answer)."""
+def test_truncate_left_keeps_the_template_and_answers(embedded, tmp_path, monkeypatch):
+    """On a model given a 320-position context, a ~1,000-token prompt cut with --truncate left keeps its
+    chat framing (main cut the system turn and the user header away with the oldest text) and the model
+    answers the question at its end."""
+    from kvchat.engine import Engine
+
+    fed, prefill = [], Engine.prefill
+    monkeypatch.setattr(Engine, "prefill", lambda self, seq, ids: fed.append(list(ids)) or prefill(self, seq, ids))
     small = LoadedModel(embedded.hf, embedded.tokenizer, dataclasses.replace(embedded.desc, max_positions=320),
                         embedded.eos_ids)
+    tok = embedded.tokenizer
+    head, tail = "<|im_start|>system\n", "France?<|im_end|>\n<|im_start|>assistant\n"
     question = "The grass is green. " * 200 + "\n\nWhat is the capital of France?"
     opts = {"model": "x", "profile": "full", "max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
             "seed": None, "system": None, "device": "cpu", "dtype": "float32", "truncate": "left"}
@@ -192,6 +199,10 @@ def test_truncate_left_keeps_the_template_and_answers(embedded, tmp_path):
     assert "Paris" in rec["text"], rec
     session = Session(small, load_profile("full"), SamplingParams(max_new_tokens=8), truncate="left")
     assert "Paris" in session.ask(question).result.text
+    assert len(fed) == 2
+    for ids in fed:  # what the engine prefilled, in batch and in the REPL: framing whole at both ends
+        text = tok.decode(ids)
+        assert text.startswith(head) and text.endswith(tail) and text.count("<|im_start|>") == 3, text[:200]
 
 
 # ---- 5. special-token strings in input are text -------------------------------------------------------
@@ -213,9 +224,12 @@ def test_special_tokens_in_batch_lines_and_chat_are_plain_text(embedded, tmp_pat
 
 
 # ---- 6. bytes that are not UTF-8 ------------------------------------------------------------------------
-def test_non_utf8_line_is_an_error_record_naming_the_byte():
+def test_non_utf8_line_is_an_error_record_naming_the_byte(tmp_path):
+    from kvchat.batch import _read_lines
+
     data = b'{"id": "a", "prompt": "ok"}\r\n{"id": "b", "prompt": "caf\xe9"}\n{"id": "c", "prompt": "fine"}\n'
-    jobs = parse_lines(split_lines(b"\xef\xbb\xbf" + data))
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + data)
+    jobs = parse_lines(_read_lines(str(tmp_path / "in.jsonl")))
     assert [j.error is None for j in jobs] == [True, False, True] and jobs[0].prompt == "ok"
     assert jobs[1].error_record() == {"id": 2, "error": {"type": "invalid_request", "message":
                                       "line 2: not UTF-8: byte 0xe9 at byte 26 of the line (byte 58 of the file)"}}

@@ -71,16 +71,10 @@ def forced_decode(lm, name: str, ids: list[int], steps: int, every: int = 64) ->
     """Held and full bytes every `every` steps of greedy decode with EOS ignored."""
     eng = Engine(lm, profile(name))
     seq = eng.start(Request("d", ids, SamplingParams(max_new_tokens=1)))
-    st = eng.store
     marks = [(0, eng.usage(0).held, eng.usage(0).full)]
-    tok = torch.tensor([int(seq.out[-1]) if seq.out else lm.tokenizer.eos_token_id])
+    tok = int(seq.out[-1]) if seq.out else lm.tokenizer.eos_token_id
     for i in range(1, steps + 1):
-        logits = eng.runner.decode(st, torch.tensor([seq.slot]), tok, torch.tensor([seq.pos]))
-        seq.pos += 1
-        st.seen[seq.slot] += 1
-        for m in eng.methods:
-            m.after_decode(st, [seq.slot])
-        tok = logits.argmax(-1)
+        tok = int(eng.feed([seq], [tok])[0].argmax())
         if i % every == 0:
             marks.append((i, eng.usage(0).held, eng.usage(0).full))
     return marks

@@ -172,8 +172,9 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
 @click.option("--profile", "-p", default=None, help="Profile whose methods to calibrate. Env KVCHAT_PROFILE.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where to run [default auto].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", help="Weights dtype [default auto].")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Calibrate on this text or JSONL file instead of the default text (Python's own documentation), for methods that calibrate on text.")
 @user_errors
-def calibrate(model, profile, device, dtype):
+def calibrate(model, profile, device, dtype, data):
     """Run (again) the calibrations a profile's methods need, and cache them under KVCHAT_HOME.
 
     Methods calibrate on first use anyway; this runs it ahead of time or refreshes it.
@@ -184,6 +185,7 @@ def calibrate(model, profile, device, dtype):
       kvchat calibrate -p razor -m ./my-llama
     """
     from kvchat.calibration import calibrate as run
+    from kvchat.engine.probe import make_probe
     from kvchat.loading import quiet_transformers
     from kvchat.model import load_model
     from kvchat.profiles import load_profile
@@ -193,8 +195,9 @@ def calibrate(model, profile, device, dtype):
     lm = load_model(model or os.environ.get("KVCHAT_MODEL") or EMBEDDED, device, dtype,
                     progress=lambda m: click.echo(m, err=True))
     done = 0
+    probe = make_probe(lm, progress=lambda msg: click.echo(msg, err=True))
     for m in prof.methods:
-        path = run(lm, m, progress=lambda msg: click.echo(msg, err=True))
+        path = run(probe, m, data=data)
         if path is not None:
             done += 1
             click.echo(f"{m.name}: calibrated for {lm.desc.name} -> {path}")

@@ -28,7 +28,7 @@ def test_logits_match_hf_prefill_then_decode(arch):
     store = KVStore(lm.desc, n_slots=1, block_size=16)
     got = [runner.prefill(store, 0, torch.tensor(ids[:21]), torch.arange(21))]
     for i in range(21, 40):
-        got.append(runner.decode(store, torch.tensor([0]), torch.tensor([ids[i]]), torch.tensor([i]))[0])
+        got.append(runner.decode(store, [0], torch.tensor([0]), torch.tensor([ids[i]]), torch.tensor([i]))[0])
     got = torch.stack(got)
     err = (got - ref[20:]).abs().max().item()
     assert err < 1e-4, f"{arch}: max abs logit error {err:.2e}"
@@ -104,7 +104,7 @@ def test_generation_stops_at_context_end():
 
 
 def test_first_chunk_fast_path_equals_store_attention():
-    from kvchat.engine.forward import causal_attention
+    from kvchat.cache.attention import causal_attention
     from kvchat_kernels import prefill_attention_ref
 
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ def test_keep_everything_equals_full(tiny, home, name):
     assert got.token_ids == full.token_ids
     assert eng.kept(0) == full_eng.kept(0)  # nothing evicted, on any layer or head
     # The same blocks; razor's also carry a float32 logit bias per token slot (its compensation pool).
-    extra = sum(st.slot_blocks[0] for st in eng.store.owned()) * eng.store.block_size * 4 if name == "razor" else 0
+    extra = sum(st.pages.slot_blocks[0] for st in eng.store.owned()) * eng.store.block_size * 4 if name == "razor" else 0
     assert got.kv["bytes_held"] == full.kv["bytes_held"] + extra
 
 
@@ -258,19 +258,21 @@ def test_razor_running_mean_during_decode(tiny, home):
         assert all(2 + 1 + 32 <= n <= 2 + 1 + 32 + eng.store.block_size for n in heads)
     l0 = eng.store.layers[0]
     _, _, _, bias = l0.read(0, 0, torch.tensor([2]))
-    n_kept = int(l0.lengths[0, 0])
+    n_kept = l0.host[0][0]
     assert bias[0].item() == pytest.approx(math.log(100 + 69 - (n_kept - 1)))
 
 
 def test_razor_calibration_deterministic_and_cached(tiny, home):
     from kvchat.calibration import calibrate
     from kvchat.calibration.razor import random_repeats, score_heads
+    from kvchat.engine.probe import make_probe
     from kvchat.methods.razor import RazorAttention
 
+    probe = make_probe(tiny)
     assert torch.equal(random_repeats(256, 16, 4, 7, 1), random_repeats(256, 16, 4, 7, 1))
     assert not torch.equal(random_repeats(256, 16, 4, 7, 1), random_repeats(256, 16, 4, 8, 1))
-    a, b = score_heads(tiny, 16, 3, seed=7), score_heads(tiny, 16, 3, seed=7)
+    a, b = score_heads(probe, 16, 3, seed=7), score_heads(probe, 16, 3, seed=7)
     assert a == b
-    path = calibrate(tiny, RazorAttention(calib_tokens=16, calib_repeats=3, calib_seed=7))
+    path = calibrate(probe, RazorAttention(calib_tokens=16, calib_repeats=3, calib_seed=7))
     assert path.is_file() and path.is_relative_to(home / "calibrations" / "tiny-llama")
-    assert calibrate(tiny, PyramidInfer()) is None  # no calibration needed
+    assert calibrate(probe, PyramidInfer()) is None  # no calibration needed

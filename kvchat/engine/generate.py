@@ -16,7 +16,9 @@ import torch
 
 from kvchat.cache import KVStore
 from kvchat.cache.usage import Usage
-from kvchat.engine.forward import Runner
+from kvchat.engine.forward import PrefillStopped, Runner
+from kvchat.engine.layout import build_formats, resolve_aliases
+from kvchat.engine.probe import Probe
 from kvchat.engine.sampling import SamplingParams, find_stop, sample
 from kvchat.errors import PromptTooLong
 from kvchat.profiles import Profile, fresh
@@ -66,6 +68,15 @@ class Seq:
 TokenCallback = Callable[[str, str], None]  # (request id, text delta)
 
 
+class PrefillInterrupted(Exception):
+    """`should_stop` stopped a prefill. `whole`: the store is exactly as before it (the stop came in the
+    prompt's only or first chunk); otherwise earlier chunks of the prompt are in it, already compressed."""
+
+    def __init__(self, whole: bool):
+        super().__init__("prefill stopped")
+        self.whole = whole
+
+
 class Engine:
     """Owns the model runner, the store and the methods of one profile."""
 
@@ -74,14 +85,16 @@ class Engine:
         self.lm, self.desc, self.tok = lm, lm.desc, lm.tokenizer
         self.profile = fresh(profile)
         self.methods = self.profile.methods
-        for m in self.methods:
-            m.bind(self.desc, lm, progress)
-        aliases: dict[int, int] = {}
-        for m in self.methods:
-            aliases.update(m.aliases(self.desc))
         self.runner = Runner(lm, self.methods, max_slots=max_slots)
-        self.store = KVStore(self.desc, max_slots, block_size, with_bias=any(m.needs_bias() for m in self.methods),
-                             aliases=aliases)
+        self.probe = Probe(self.runner, lm, progress)
+        for m in self.methods:
+            m.bind(self.desc, self.probe)
+        aliases = resolve_aliases(self.methods, self.desc)
+        with_bias = any(m.needs_bias() for m in self.methods)
+        pinned = max((m.pinned() for m in self.methods), default=0)
+        formats = build_formats(self.methods, self.desc, max_slots, block_size, with_bias, pinned, aliases)
+        self.store = KVStore(self.desc, max_slots, block_size, with_bias=with_bias, aliases=aliases,
+                             formats=formats, listeners=self.methods)
         self.max_slots = max_slots
         self.prefill_chunk = prefill_chunk
         self.free_slots = list(range(max_slots - 1, -1, -1))
@@ -101,24 +114,64 @@ class Engine:
             raise PromptTooLong(f"conversation would reach {past + n:,} tokens; model max is {self.max_ctx:,} (use /reset)")
         raise PromptTooLong(f"prompt is {n:,} tokens; model max is {limit:,} (use --truncate left)")
 
-    def prefill(self, seq: Seq, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` on top of the slot's store; -> logits for the next token."""
+    def prefill(self, seq: Seq, ids: list[int], should_stop=None, on_progress=None) -> torch.Tensor:
+        """Feed `ids` on top of the slot's store; -> logits for the next token.
+
+        `on_progress(done, total)` is told the prompt tokens' progress (layer by layer, so a long
+        single-chunk prompt still moves); `should_stop()` is asked between layers: True rolls the
+        current chunk back out of every layer and raises PrefillInterrupted."""
         t = time.perf_counter()
         chunk = self.prefill_chunk or len(ids)
         dev = self.desc.device
+        L = self.desc.n_layers
         for i in range(0, len(ids), chunk):
             part = ids[i : i + chunk]
+
+            def between_layers(layer: int, i=i, n=len(part)) -> bool:
+                if on_progress is not None:
+                    on_progress(i + n * (layer + 1) // L, len(ids))
+                return should_stop is not None and bool(should_stop())
+
             pos = torch.arange(seq.pos, seq.pos + len(part), device=dev)
-            logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos)
+            hook = between_layers if (should_stop or on_progress) else None
+            try:
+                logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos,
+                                             should_stop=hook)
+            except PrefillStopped as stop:
+                self._roll_back(seq.slot, stop.layer)
+                raise PrefillInterrupted(whole=i == 0) from None
             seq.pos += len(part)
             self.store.seen[seq.slot] += len(part)
             for m in self.methods:
                 m.after_prefill(self.store, seq.slot)
+            self.store.seal([seq.slot])
         self.store.note([seq.slot])
         self.store.trim()
         seq.prefilled += len(ids)
         seq.t_prefill += time.perf_counter() - t
         return logits
+
+    def reposition(self, slot: int) -> int:
+        """Re-index the tokens `slot` holds to consecutive positions 0..n-1 (in order; the same token keeps
+        the same position in every layer and head), keys re-rotated. -> the next free position, n.
+
+        A compressing profile holds far fewer tokens than it has seen: this lets a conversation go on past
+        the model's max positions (StreamingLLM's positions within the cache)."""
+        st = self.store
+        held = torch.unique(torch.cat([st.read(l, slot, h).pos.long() for l in st.owned_layers()
+                                       for h in range(self.desc.n_kv_heads)]))  # sorted
+        rank = lambda old: torch.searchsorted(held, old.long())  # noqa: E731
+        for l in st.owned_layers():
+            st.format(l).reposition(slot, rank, self.runner.rotate)
+        return int(held.numel())
+
+    def _roll_back(self, slot: int, last_layer: int) -> None:
+        """Take a stopped chunk out of the layers that stored it (every method's state follows)."""
+        for layer in range(last_layer + 1):
+            if self.store.owns(layer):
+                start = self.store.chunk_start[layer]
+                self.store.compact(layer, slot, [torch.arange(n) for n in start])
+        self.store.stats = {}
 
     def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None) -> None:
         p = seq.req.params
@@ -152,30 +205,47 @@ class Engine:
             on_token(seq.req.id, seq.text[seq.emitted : end])
             seq.emitted = end
 
-    def start(self, req: Request, on_token: TokenCallback | None = None, slot: int | None = None, pos: int = 0) -> Seq:
-        """Prefill `req` into a free slot, or on top of `slot`'s store at position `pos` (next turn)."""
+    def start(self, req: Request, on_token: TokenCallback | None = None, slot: int | None = None, pos: int = 0,
+              should_stop=None, on_progress=None) -> Seq:
+        """Prefill `req` into a free slot, or on top of `slot`'s store at position `pos` (next turn).
+        `should_stop` / `on_progress`: see `prefill` (a stopped prefill gives a fresh slot back)."""
         ids = self.check_prompt(req, past=pos)
-        if slot is None:
+        fresh_slot = slot is None
+        if fresh_slot:
             slot = self.free_slots.pop()
         seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter())
         seq.req = Request(req.id, ids, req.params)
-        self._accept(seq, self.prefill(seq, ids), on_token)
+        try:
+            logits = self.prefill(seq, ids, should_stop, on_progress)
+        except PrefillInterrupted:
+            if fresh_slot:
+                self.release(seq)
+            raise
+        self._accept(seq, logits, on_token)
         return seq
 
-    def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
-        """One decode step for every live sequence in `seqs`."""
+    def feed(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
+        """One decode step feeding `tokens[i]` to `seqs[i]` (sampled, or forced for teacher-forced
+        scoring); the methods and formats run as in generation. -> logits (B, vocab)."""
         dev = self.desc.device
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        ids = torch.tensor([s.last for s in seqs], device=dev)
+        slots = [s.slot for s in seqs]
+        slots_t = torch.tensor(slots, device=dev)
+        ids = torch.tensor(tokens, device=dev)
         pos = torch.tensor([s.pos for s in seqs], device=dev)
-        logits = self.runner.decode(self.store, slots, ids, pos)
+        logits = self.runner.decode(self.store, slots, slots_t, ids, pos)
         for s in seqs:
             s.pos += 1
             s.n_fed += 1
             self.store.seen[s.slot] += 1
         for m in self.methods:
-            m.after_decode(self.store, slots.tolist())
-        self.store.note(slots.tolist())
+            m.after_decode(self.store, slots)
+        self.store.seal(slots)
+        self.store.note(slots)
+        return logits
+
+    def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
+        """One decode step for every live sequence in `seqs`."""
+        logits = self.feed(seqs, [s.last for s in seqs])
         for i, s in enumerate(seqs):
             self._accept(s, logits[i], on_token)
 

@@ -183,7 +183,7 @@ def test_truncate_left_keeps_the_template_and_answers(embedded, tmp_path, monkey
     from kvchat.engine import Engine
 
     fed, prefill = [], Engine.prefill
-    monkeypatch.setattr(Engine, "prefill", lambda self, seq, ids: fed.append(list(ids)) or prefill(self, seq, ids))
+    monkeypatch.setattr(Engine, "prefill", lambda self, seq, ids, *a, **kw: fed.append(list(ids)) or prefill(self, seq, ids, *a, **kw))
     small = LoadedModel(embedded.hf, embedded.tokenizer, dataclasses.replace(embedded.desc, max_positions=320),
                         embedded.eos_ids)
     tok = embedded.tokenizer

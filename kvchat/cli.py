@@ -138,10 +138,22 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
 def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, **local):
     """Generate for every line of a JSONL file; write one JSONL result line per input line, in order.
 
-    
+    \b
     Input lines: {"id": "q1", "prompt": "..."} or {"id": "q1", "messages": [...]}, optional system,
     max_new_tokens, temperature, top_p, top_k, seed, stop; OpenAI batch lines ({"custom_id", "body"}) too.
-    
+    A line that cannot run gets an error record in OUT; the run goes on.
+
+    \b
+    Exit codes:
+      0    every line answered
+      3    OUT is complete, but some lines are error records
+      4    OUT is complete, but every line is an error record
+      1, 2 nothing ran: a bad option, an unreadable IN, a model or profile error, or an OUT that
+           --resume refuses (not a kvchat results file; it is left as it was)
+      130  interrupted (Ctrl-C): OUT holds whole lines; run again with --resume
+    With --resume, the lines an earlier run answered or failed count too.
+
+    \b
     Examples:
       kvchat batch in.jsonl out.jsonl -p window --batch-size 8
       cat in.jsonl | kvchat batch - - -p window > out.jsonl
@@ -150,8 +162,9 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
     from kvchat.batch import run_batch
 
     opts = merged(ctx, local)
-    run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
-              max_kv_bytes=max_kv_bytes, progress=progress)
+    summary = run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
+                        max_kv_bytes=max_kv_bytes, progress=progress)
+    ctx.exit(summary["exit_code"])
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvchat import templating
 from kvchat.engine import Engine, Request, Result, SamplingParams
 from kvchat.profiles import Profile
 
@@ -32,40 +33,46 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
 
     def __post_init__(self):
-        self.engine = Engine(self.lm, self.profile, max_slots=1, truncate=self.truncate)
+        self.engine = Engine(self.lm, self.profile, max_slots=1)
         self._fed_text = ""  # rendered text of every token in the store, in order
         self._pos = 0
 
     # ---- conversation state ------------------------------------------------------------------------
-    def reset(self, profile: Profile | None = None) -> None:
-        """Start a new conversation (optionally under another profile)."""
-        if profile is not None:
-            self.profile = profile
-            self.engine = Engine(self.lm, profile, max_slots=1, truncate=self.truncate)
+    def reset(self) -> None:
+        """Start a new conversation."""
         self._drop_store()
         self.messages, self.turns = [], []
 
+    def switch(self, profile: Profile) -> None:
+        """Go on under another profile: the transcript stays and is prefilled again at the next turn (the
+        old profile's cache cannot serve the new one)."""
+        self.profile = profile
+        self.engine = Engine(self.lm, profile, max_slots=1)
+        self._drop_store()
+        self.turns = []
+
     def _drop_store(self) -> None:
-        self.engine.store.free_slot(0)
+        self.engine.clear(0)
         self._fed_text, self._pos = "", 0
 
-    def render(self, messages: list[dict], add_generation_prompt=True) -> str:
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        return self.lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def encode(self, text: str) -> list[int]:
-        return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The whole transcript `messages` as prompt ids (what a fresh store would prefill)."""
+        return templating.prompt_ids(self.lm.tokenizer, messages, self.system)
 
     # ---- a turn ------------------------------------------------------------------------------------
     def ask(self, text: str, on_token=None, should_stop=None) -> Turn:
         """Answer `text` as the next user turn. `should_stop()` is polled between decode steps."""
+        tok = self.lm.tokenizer
         messages = self.messages + [{"role": "user", "content": text}]
-        full = self.render(messages)
-        reused = bool(self._fed_text) and full.startswith(self._fed_text)
+        full = templating.render(tok, messages, self.system)
+        reused = bool(self._fed_text) and full.text.startswith(self._fed_text)
         if not reused:  # the template rewrote history (or first turn): start the store afresh
             self._drop_store()
-        delta = full[len(self._fed_text):]
-        ids = self.encode(delta)
+        if not reused and self.truncate == "left":
+            budget = templating.left_budget(self.lm.desc.max_positions, self.params.max_new_tokens)
+            ids = templating.prompt_ids(tok, messages, self.system, budget=budget)
+        else:
+            ids = templating.encode(tok, full, start=len(self._fed_text))
         seq = self.engine.start(Request(str(len(self.turns)), ids, self.params), on_token, slot=0, pos=self._pos)
         while not seq.finish:
             if should_stop is not None and should_stop():
@@ -74,7 +81,7 @@ class Session:
             self.engine.step([seq], on_token)
         fed = seq.out[: seq.n_fed]  # the last sampled token (or the EOS) is not in the store yet
         self._pos = seq.pos
-        self._fed_text = full + self.lm.tokenizer.decode(fed, skip_special_tokens=False)
+        self._fed_text = full.text + tok.decode(fed, skip_special_tokens=False)
         result = self.engine.result(seq)
         self.messages = messages + [{"role": "assistant", "content": result.text}]
         turn = Turn(text, result, prefill_tokens=len(seq.req.prompt_ids), reused=reused)

@@ -81,7 +81,7 @@ class Engine:
     """Owns the model runner, the store and the methods of one profile."""
 
     def __init__(self, lm, profile: Profile, max_slots: int = 1, block_size: int = 16, prefill_chunk: int | None = None,
-                 truncate: str | None = None, progress=None):
+                 progress=None):
         self.lm, self.desc, self.tok = lm, lm.desc, lm.tokenizer
         self.profile = fresh(profile)
         self.methods = self.profile.methods
@@ -97,22 +97,19 @@ class Engine:
                              formats=formats, listeners=self.methods)
         self.max_slots = max_slots
         self.prefill_chunk = prefill_chunk
-        self.truncate = truncate
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.max_ctx = self.desc.max_positions
         self.peak_live = 0
 
     # ---- one sequence ------------------------------------------------------------------------------
     def check_prompt(self, req: Request, past: int = 0) -> list[int]:
-        """The ids to prefill after `past` tokens already in the slot; errors name the numbers."""
+        """The ids to prefill after `past` tokens already in the slot; errors name the numbers. Cutting a
+        long prompt is the caller's (kvchat.templating): only it knows the template's framing from the text."""
         n, limit = len(req.prompt_ids), self.max_ctx - past
         if n == 0:
             raise PromptTooLong("prompt is empty (0 tokens); give some text")
         if n < limit:
             return req.prompt_ids
-        if self.truncate == "left" and past == 0:
-            keep = limit - min(req.params.max_new_tokens, limit // 2)
-            return req.prompt_ids[-keep:]
         if past:
             raise PromptTooLong(f"conversation would reach {past + n:,} tokens; model max is {self.max_ctx:,} (use /reset)")
         raise PromptTooLong(f"prompt is {n:,} tokens; model max is {limit:,} (use --truncate left)")
@@ -277,9 +274,15 @@ class Engine:
         return Result(
             id=seq.req.id, text=seq.text, token_ids=list(seq.out), finish_reason=seq.finish or "length",
             prompt_tokens=len(seq.req.prompt_ids), kv=self.usage(seq.slot).record(self.profile.name),
+            # Per sequence: its tokens over its own decode seconds, which it shares with the other
+            # sequences decoding (and prefilling) beside it; a batch run's throughput is the summary's.
             timing={"prefill_s": round(seq.t_prefill, 4), "decode_s": round(decode_s, 4),
-                    "tokens_per_s": round(n / decode_s, 2) if n else 0.0},
+                    "decode_tokens_per_s": round(n / decode_s, 2) if n else 0.0},
         )
+
+    def clear(self, slot: int) -> None:
+        """Drop everything `slot` holds (a new conversation in a slot the caller keeps)."""
+        self.store.free_slot(slot)
 
     def release(self, seq: Seq) -> None:
         self.store.free_slot(seq.slot)

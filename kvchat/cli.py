@@ -115,7 +115,11 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
     session = Session(lm, profile, params, system=opts["system"], truncate=None if opts["truncate"] == "error" else "left")
     if not interactive:
         out = sys.stdout
-        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()))
+        from kvchat.stats import prefill_progress
+
+        err = (lambda s: (sys.stderr.write(s), sys.stderr.flush())) if sys.stderr.isatty() else (lambda s: None)
+        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()),
+                    on_progress=prefill_progress(err))
         out.write("\n")
         out.flush()
         return

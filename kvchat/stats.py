@@ -51,3 +51,22 @@ def turn_line(result) -> str:
     kv = result.kv
     return (f"{result.completion_tokens} tok · {result.timing['decode_tokens_per_s']:.1f} tok/s decode · "
             + kv_line(kv["bytes_held"], kv["bytes_full"], kv["saved"], kv["overhead"]))
+
+
+def prefill_progress(write, at_least: int = 1024):
+    """An `on_progress(done, total)` that shows how far a long prompt has been read, on one line that is
+    erased when reading ends (short prompts show nothing: they take under a second or two)."""
+    shown = {"on": False}
+
+    def show(done: int, total: int) -> None:
+        if total < at_least:
+            return
+        if done >= total:
+            if shown["on"]:
+                write("\r\033[K")
+                shown["on"] = False
+            return
+        write(f"\r[reading {total:,} tokens: {done / total:.0%} · Ctrl-C stops]")
+        shown["on"] = True
+
+    return show

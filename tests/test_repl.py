@@ -107,13 +107,10 @@ def test_retry_profile_and_system_commands(embedded, small_window):
 
 def test_stopping_an_answer_keeps_the_conversation_usable(embedded):
     s = Session(embedded, load_profile("full"), SamplingParams(max_new_tokens=60))
-    calls = {"n": 0}
+    tokens = []  # should_stop is also asked between prefill layers: count streamed tokens, not calls
 
-    def stop_after_five():
-        calls["n"] += 1
-        return calls["n"] > 5
-
-    turn = s.ask("Write a long poem about the sea.", should_stop=stop_after_five)
+    turn = s.ask("Write a long poem about the sea.", on_token=lambda i, d: tokens.append(i),
+                 should_stop=lambda: len(tokens) >= 5)
     assert turn.result.finish_reason == "interrupted" and 4 <= turn.result.completion_tokens <= 7
     nxt = s.ask("The secret word is banana. What is the secret word?")
     assert nxt.reused and "banana" in nxt.result.text.lower()

@@ -151,6 +151,15 @@ class Engine:
         seq.t_prefill += time.perf_counter() - t
         return logits
 
+    def positions_held(self, slot: int) -> int:
+        """How many distinct positions the tokens `slot` holds span (what `reposition` re-indexes to)."""
+        return int(self._held_positions(slot).numel())
+
+    def _held_positions(self, slot: int) -> torch.Tensor:
+        st = self.store
+        return torch.unique(torch.cat([st.read(l, slot, h).pos.long() for l in st.owned_layers()
+                                       for h in range(self.desc.n_kv_heads)]))  # sorted
+
     def reposition(self, slot: int) -> int:
         """Re-index the tokens `slot` holds to consecutive positions 0..n-1 (in order; the same token keeps
         the same position in every layer and head), keys re-rotated. -> the next free position, n.
@@ -158,8 +167,7 @@ class Engine:
         A compressing profile holds far fewer tokens than it has seen: this lets a conversation go on past
         the model's max positions (StreamingLLM's positions within the cache)."""
         st = self.store
-        held = torch.unique(torch.cat([st.read(l, slot, h).pos.long() for l in st.owned_layers()
-                                       for h in range(self.desc.n_kv_heads)]))  # sorted
+        held = self._held_positions(slot)
         rank = lambda old: torch.searchsorted(held, old.long())  # noqa: E731
         for l in st.owned_layers():
             st.format(l).reposition(slot, rank, self.runner.rotate)
@@ -172,6 +180,7 @@ class Engine:
                 start = self.store.chunk_start[layer]
                 self.store.compact(layer, slot, [torch.arange(n) for n in start])
         self.store.stats = {}
+        self.store.trim()  # give back the blocks the chunk took
 
     def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None) -> None:
         p = seq.req.params

@@ -48,8 +48,8 @@ def paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, b
     bs = k_pool.shape[1]
     n_blocks = max(1, -(-int(lengths.max()) // bs)) if lengths.numel() else 1
     bt = block_table[:, :, :n_blocks]
-    k = _gather(k_pool, bt)  # (B, H_kv, T, D)
-    v = _gather(v_pool, bt)
+    k = _gather(k_pool, bt).to(q.dtype)  # (B, H_kv, T, D); a 16-bit store computes in q's dtype
+    v = _gather(v_pool, bt).to(q.dtype)
     T = k.shape[2]
     scores = torch.matmul(q.view(B, Hkv, G, D), k.transpose(-1, -2)).float() * scale  # (B, H_kv, G, T)
     if bias_pool is not None:
@@ -111,6 +111,7 @@ if triton is not None:
             off = t % BS
             kvmask = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd, mask=kvmask, other=0.0)
+            k = k.to(q.dtype)  # a 16-bit store under a 32-bit model computes in the model's dtype
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -126,6 +127,7 @@ if triton is not None:
             p = tl.exp2(qk - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + blk[:, None] * s_vb + off[:, None] * s_vt + d[None, :] * s_vd, mask=kvmask, other=0.0)
+            v = v.to(q.dtype)
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -203,7 +205,7 @@ if triton is not None:
             blk = tl.load(bt_row + (t // BS) * s_btm, mask=tmask, other=0).to(tl.int64)
             off = t % BS
             k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd,
-                        mask=tmask[:, None] & dmask[None, :], other=0.0)
+                        mask=tmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -279,7 +281,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_table, lengths, scale
         HAS_BIAS=has_bias, BS=bs, G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_N=block_n, IEEE=ieee,
         num_warps=4,
     )
-    out = torch.empty((B, Hq, D), dtype=v_pool.dtype, device=dev)
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
     _decode_merge_kernel[(B * Hq,)](
         m, l, acc, out, lse,

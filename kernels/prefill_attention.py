@@ -2,7 +2,11 @@
 
     q            (T, H_q, D)      the chunk's queries, T = chunk length
     block_table  (H_kv, max_blocks) int32, lengths (H_kv,) int32: per KV head, including the chunk
-Query i of the chunk sees key j of head h iff j < lengths[h] - T + i + 1 (causal, per-head past).
+    limits       (H_kv, T) int32, optional: query i of the chunk sees key j of head h iff j < limits[h, i]
+Causality is by stored position: a caller passes `limits = visible_limits(stored positions, query
+positions)`, the count of stored tokens at or before each query's position (stored positions increase
+along each head, so the visible keys are a prefix). Without `limits` the chunk is taken to be the last T
+tokens of every head, in order: limits[h, i] = lengths[h] - T + i + 1.
 With `last_w > 0` it also returns the attention probabilities of the chunk's last `last_w` queries,
 (H_q, last_w, L), computed for those rows only: the full (T, L) matrix is never materialized.
 
@@ -35,31 +39,52 @@ def _gather_seq(pool, block_table, lengths):
     return g.view(block_table.shape[0], n_blocks * bs, *pool.shape[2:])
 
 
-def _visible(lengths, T, L, q_from=0):
+def index_limits(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(H_kv, T) int32: the chunk is the last T stored tokens of each head, in order."""
+    i = torch.arange(T, device=lengths.device, dtype=torch.int32).view(1, T)
+    return (lengths.view(-1, 1).to(torch.int32) - T + i + 1).clamp_(min=0)
+
+
+def visible_limits(stored_pos: torch.Tensor, lengths: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """(H_kv, T) int32: how many of each head's stored tokens sit at or before each query's position.
+
+    stored_pos (H_kv, L) positions in storage order (increasing along each head; entries past a head's
+    length are ignored), lengths (H_kv,), q_pos (T,)."""
+    H, L = stored_pos.shape
+    pad = torch.arange(L, device=stored_pos.device).view(1, L) >= lengths.view(-1, 1)
+    pos = stored_pos.to(torch.int64).masked_fill(pad, torch.iinfo(torch.int64).max).contiguous()
+    q = q_pos.to(torch.int64).view(1, -1).expand(H, -1).contiguous()
+    return torch.searchsorted(pos, q, right=True).to(torch.int32)
+
+
+def _visible(limits, L, q_from=0):
     # (H_kv, T - q_from, L) bool: key j visible to chunk query i
-    i = torch.arange(q_from, T, device=lengths.device).view(1, -1, 1)
-    j = torch.arange(L, device=lengths.device).view(1, 1, L)
-    return j < (lengths.view(-1, 1, 1) - T + i + 1)
+    j = torch.arange(L, device=limits.device).view(1, 1, L)
+    return j < limits[:, q_from:].unsqueeze(-1)
 
 
-def prefill_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, last_w=0):
+def prefill_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, last_w=0, limits=None):
     """-> out (T, H_q, D) [, rows (H_q, last_w, L) where L is the longest head in whole blocks]."""
     T, Hq, D = q.shape
     Hkv = block_table.shape[0]
     G = Hq // Hkv
-    k = _gather_seq(k_pool, block_table, lengths)  # (H_kv, L, D)
-    v = _gather_seq(v_pool, block_table, lengths)
+    k = _gather_seq(k_pool, block_table, lengths).to(q.dtype)  # (H_kv, L, D); a 16-bit store computes in q's dtype
+    v = _gather_seq(v_pool, block_table, lengths).to(q.dtype)
     L = k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H_q, T, D)
     lens = lengths.tolist()
-    if bias_pool is None and all(n == T for n in lens):
+    default = index_limits(lengths, T)
+    if limits is None:
+        limits = default
+    in_order = torch.equal(limits, default)
+    if bias_pool is None and in_order and all(n == T for n in lens):
         # First chunk of a sequence: plain causal attention over the chunk itself.
         out = F.scaled_dot_product_attention(
             qh, k[:, :T].unsqueeze(0), v[:, :T].unsqueeze(0), is_causal=True, scale=scale, enable_gqa=True
         )
     else:
-        vis = _visible(lengths, T, L)  # (H_kv, T, L)
-        if bias_pool is None and len(set(lens)) == 1:
+        vis = _visible(limits, L)  # (H_kv, T, L)
+        if bias_pool is None and bool((limits == limits[:1]).all()):
             mask = vis[:1].unsqueeze(0)  # same for every head: (1, 1, T, L)
         else:
             add = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
@@ -67,8 +92,8 @@ def prefill_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_p
                 add = add + _gather_seq(bias_pool, block_table, lengths).view(Hkv, 1, L).to(q.dtype)
             mask = add.repeat_interleave(G, dim=0).unsqueeze(0)  # (1, H_q, T, L)
         out = F.scaled_dot_product_attention(qh, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)
-        if (lengths < T).any():  # a query that sees no key at all (empty head, early queries of a head
-            # holding fewer tokens than the chunk) has an all -inf row: define its output as zeros
+        if bool((limits == 0).any()):  # a query that sees no key at all (empty head, early queries of a
+            # head holding fewer tokens than the chunk) has an all -inf row: define its output as zeros
             out = out.nan_to_num(0.0)
     out = out.squeeze(0).transpose(0, 1)  # (T, H_q, D)
     if last_w <= 0:
@@ -78,7 +103,7 @@ def prefill_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_p
     scores = torch.matmul(qw, k.transpose(-1, -2)).float().view(Hkv, G, w, L) * scale
     if bias_pool is not None:
         scores = scores + _gather_seq(bias_pool, block_table, lengths).view(Hkv, 1, 1, L).float()
-    vis = _visible(lengths, T, L, q_from=T - w).unsqueeze(1)  # (H_kv, 1, w, L)
+    vis = _visible(limits, L, q_from=T - w).unsqueeze(1)  # (H_kv, 1, w, L)
     probs = torch.softmax(scores.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num_(0.0)
     return out, probs.reshape(Hq, w, L)
 
@@ -89,7 +114,7 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, bias_ptr, out_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, lim_ptr, bias_ptr, out_ptr, lse_ptr,
         qk_scale,  # scale * log2(e)
         T, G, D, W,  # W = last_w rows whose lse is kept (0: none); lse buffer (H_q, W) contiguous
         s_qt, s_qh, s_qd,
@@ -97,6 +122,7 @@ if triton is not None:
         s_vb, s_vt, s_vd,
         s_bth, s_btm,
         s_l,
+        s_mh, s_mt,
         s_xb, s_xt,
         s_ot, s_oh, s_od,
         HAS_BIAS: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
@@ -112,11 +138,11 @@ if triton is not None:
         d = tl.arange(0, D_PAD)
         dmask = d < D
         length = tl.load(len_ptr + hk * s_l)
-        lim = length - T + i + 1  # keys j < lim are visible to row (i, g)
+        # keys j < lim are visible to row (i, g): stored tokens at or before the query's position
+        lim = tl.load(lim_ptr + hk * s_mh + i * s_mt, mask=rmask, other=0)
         q = tl.load(q_ptr + i[:, None] * s_qt + hq[:, None] * s_qh + d[None, :] * s_qd,
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        i_last = tl.minimum((pid_r + 1) * BLOCK_R - 1, T * G - 1) // G
-        kv_end = tl.maximum(tl.minimum(length - T + i_last + 1, length), 0)  # the tile's last visible key
+        kv_end = tl.minimum(tl.max(lim, 0), length)  # the tile's last visible key
 
         m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -129,6 +155,7 @@ if triton is not None:
             off = t % BS
             kvmask = tmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd, mask=kvmask, other=0.0)
+            k = k.to(q.dtype)  # a 16-bit store under a 32-bit model computes in the model's dtype
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -145,6 +172,7 @@ if triton is not None:
             p = tl.exp2(qk - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + blk[:, None] * s_vb + off[:, None] * s_vt + d[None, :] * s_vd, mask=kvmask, other=0.0)
+            v = v.to(q.dtype)
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -164,13 +192,14 @@ if triton is not None:
 
     @triton.jit
     def _prefill_rows_kernel(
-        q_ptr, k_ptr, bt_ptr, len_ptr, bias_ptr, lse_ptr, rows_ptr,
+        q_ptr, k_ptr, bt_ptr, len_ptr, lim_ptr, bias_ptr, lse_ptr, rows_ptr,
         qk_scale,
         T, G, D, W, L,
         s_qt, s_qh, s_qd,
         s_kb, s_kt, s_kd,
         s_bth, s_btm,
         s_l,
+        s_mh, s_mt,
         s_xb, s_xt,
         s_rh, s_rw, s_rl,
         HAS_BIAS: tl.constexpr, BS: tl.constexpr, D_PAD: tl.constexpr,
@@ -188,7 +217,7 @@ if triton is not None:
         d = tl.arange(0, D_PAD)
         dmask = d < D
         length = tl.load(len_ptr + hk * s_l)
-        lim = length - T + i + 1
+        lim = tl.load(lim_ptr + hk * s_mh + i * s_mt, mask=rmask, other=0)
         q = tl.load(q_ptr + i[:, None] * s_qt + hq[:, None] * s_qh + d[None, :] * s_qd,
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
         lse = tl.load(lse_ptr + hq * W + wi, mask=rmask, other=float("-inf"))
@@ -197,7 +226,7 @@ if triton is not None:
         blk = tl.load(bt_ptr + hk * s_bth + (t // BS) * s_btm, mask=tmask, other=0).to(tl.int64)
         off = t % BS
         k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_kt + d[None, :] * s_kd,
-                    mask=tmask[:, None] & dmask[None, :], other=0.0)
+                    mask=tmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -217,7 +246,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, last_w=0,
-                             block_r=64, block_n=64):
+                             limits=None, block_r=64, block_n=64):
     """Flash attention of one chunk over its paged store; `block_r` / `block_n` are tile sizes (>= 16)."""
     T, Hq, D = q.shape
     Hkv = block_table.shape[0]
@@ -232,11 +261,12 @@ def prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bia
     bias = bias_pool if has_bias else k_pool  # dummy pointer, never read
     s_xb, s_xt = (bias_pool.stride(0), bias_pool.stride(1)) if has_bias else (0, 0)
     w = min(last_w, T) if last_w > 0 else 0
+    lim = (index_limits(lengths, T) if limits is None else limits).to(torch.int32).contiguous()
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=dev)
     lse = torch.empty((Hq, max(w, 1)), dtype=torch.float32, device=dev)
     if T > 0:
         _prefill_kernel[(_cdiv(T * G, block_r), Hkv)](
-            q, k_pool, v_pool, block_table, lengths, bias, out, lse,
+            q, k_pool, v_pool, block_table, lengths, lim, bias, out, lse,
             scale * _LOG2E,
             T, G, D, w,
             q.stride(0), q.stride(1), q.stride(2),
@@ -244,6 +274,7 @@ def prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bia
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
             block_table.stride(0), block_table.stride(1),
             lengths.stride(0),
+            lim.stride(0), lim.stride(1),
             s_xb, s_xt,
             out.stride(0), out.stride(1), out.stride(2),
             HAS_BIAS=has_bias, BS=bs, D_PAD=D_PAD, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=ieee,
@@ -255,13 +286,14 @@ def prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bia
     rows = torch.empty((Hq, w, L), dtype=torch.float32, device=dev)
     if w > 0:
         _prefill_rows_kernel[(_cdiv(w * G, block_r), _cdiv(L, block_n), Hkv)](
-            q, k_pool, block_table, lengths, bias, lse, rows,
+            q, k_pool, block_table, lengths, lim, bias, lse, rows,
             scale * _LOG2E,
             T, G, D, w, L,
             q.stride(0), q.stride(1), q.stride(2),
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             block_table.stride(0), block_table.stride(1),
             lengths.stride(0),
+            lim.stride(0), lim.stride(1),
             s_xb, s_xt,
             rows.stride(0), rows.stride(1), rows.stride(2),
             HAS_BIAS=has_bias, BS=bs, D_PAD=D_PAD, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=ieee,
@@ -270,8 +302,9 @@ def prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bia
     return out, rows
 
 
-def prefill_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, last_w=0, impl=None):
+def prefill_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, last_w=0, limits=None,
+                      impl=None):
     """Dispatcher: the Triton kernel on CUDA, the reference elsewhere."""
     if choose_impl(q.device, impl) == "triton":
-        return prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, last_w)
-    return prefill_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, last_w)
+        return prefill_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, last_w, limits)
+    return prefill_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, last_w, limits)

@@ -119,7 +119,11 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
         session.logprobs = TOPK  # /compare scores the last answer
     if not interactive:
         out = sys.stdout
-        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()))
+        from kvchat.stats import prefill_progress
+
+        err = (lambda s: (sys.stderr.write(s), sys.stderr.flush())) if sys.stderr.isatty() else (lambda s: None)
+        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()),
+                    on_progress=prefill_progress(err))
         out.write("\n")
         out.flush()
         return
@@ -143,10 +147,22 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
 def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, compare_full, **local):
     """Generate for every line of a JSONL file; write one JSONL result line per input line, in order.
 
-    
+    \b
     Input lines: {"id": "q1", "prompt": "..."} or {"id": "q1", "messages": [...]}, optional system,
     max_new_tokens, temperature, top_p, top_k, seed, stop; OpenAI batch lines ({"custom_id", "body"}) too.
-    
+    A line that cannot run gets an error record in OUT; the run goes on.
+
+    \b
+    Exit codes:
+      0    every line answered
+      3    OUT is complete, but some lines are error records
+      4    OUT is complete, but every line is an error record
+      1, 2 nothing ran: a bad option, an unreadable IN, a model or profile error, or an OUT that
+           --resume refuses (not a kvchat results file; it is left as it was)
+      130  interrupted (Ctrl-C): OUT holds whole lines; run again with --resume
+    With --resume, the lines an earlier run answered or failed count too.
+
+    \b
     Examples:
       kvchat batch in.jsonl out.jsonl -p window --batch-size 8
       cat in.jsonl | kvchat batch - - -p window > out.jsonl
@@ -156,8 +172,9 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
     from kvchat.batch import run_batch
 
     opts = merged(ctx, local)
-    run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
-              max_kv_bytes=max_kv_bytes, progress=progress, compare_full=compare_full)
+    summary = run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
+                        max_kv_bytes=max_kv_bytes, progress=progress, compare_full=compare_full)
+    ctx.exit(summary["exit_code"])
 
 
 @main.command("eval")
@@ -234,8 +251,9 @@ def show_eval(run, json_path, plot_path) -> None:
 @click.option("--profile", "-p", default=None, help="Profile whose methods to calibrate. Env KVCHAT_PROFILE.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Where to run [default auto].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", help="Weights dtype [default auto].")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Calibrate on this text or JSONL file instead of the default text (Python's own documentation), for methods that calibrate on text.")
 @user_errors
-def calibrate(model, profile, device, dtype):
+def calibrate(model, profile, device, dtype, data):
     """Run (again) the calibrations a profile's methods need, and cache them under KVCHAT_HOME.
 
     Methods calibrate on first use anyway; this runs it ahead of time or refreshes it.
@@ -246,6 +264,7 @@ def calibrate(model, profile, device, dtype):
       kvchat calibrate -p razor -m ./my-llama
     """
     from kvchat.calibration import calibrate as run
+    from kvchat.engine.probe import make_probe
     from kvchat.loading import quiet_transformers
     from kvchat.model import load_model
     from kvchat.profiles import load_profile
@@ -255,8 +274,9 @@ def calibrate(model, profile, device, dtype):
     lm = load_model(model or os.environ.get("KVCHAT_MODEL") or EMBEDDED, device, dtype,
                     progress=lambda m: click.echo(m, err=True))
     done = 0
+    probe = make_probe(lm, progress=lambda msg: click.echo(msg, err=True))
     for m in prof.methods:
-        path = run(lm, m, progress=lambda msg: click.echo(msg, err=True))
+        path = run(probe, m, data=data)
         if path is not None:
             done += 1
             click.echo(f"{m.name}: calibrated for {lm.desc.name} -> {path}")

@@ -24,6 +24,7 @@ class ToyTokenizer:
     """Enough of a tokenizer for the engine on tiny random models: ids <-> space-separated numbers."""
 
     eos_token_id = None
+    bos_token_id = None
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f" {i}" for i in ids)
@@ -32,10 +33,10 @@ class ToyTokenizer:
         return {}
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, layers: int = 3):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+    common = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=6,
                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, rms_norm_eps=1e-6,
                   eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
     if arch == "llama":
@@ -49,13 +50,13 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, layers: int = 3):
     from transformers import AutoModelForCausalLM
 
     from kvchat.model import LoadedModel, describe
 
     torch.manual_seed(seed)
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, layers)
     cfg._attn_implementation = "sdpa"
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # random init is too flat to tell tokens apart: sharpen it
@@ -86,9 +87,16 @@ def models_dir(tmp_path_factory):
     return home / "models"
 
 
+@pytest.fixture(scope="session")
+def calibrations_dir(tmp_path_factory):
+    """Calibrations of the embedded model, computed once for the whole run (each takes seconds)."""
+    return tmp_path_factory.mktemp("kvchat-calibrations-shared")
+
+
 @pytest.fixture(autouse=True)
 def kvchat_home(tmp_path, monkeypatch, request):
-    """A fresh KVCHAT_HOME per test; `models/` links to the shared conversion when a test needs it."""
+    """A fresh KVCHAT_HOME per test; `models/` and `calibrations/` link to the run's shared ones when a
+    test uses the embedded model (a test of calibration itself points KVCHAT_HOME elsewhere)."""
     home = tmp_path / "kvchat-home"
     home.mkdir()
     monkeypatch.setenv("KVCHAT_HOME", str(home))
@@ -96,6 +104,7 @@ def kvchat_home(tmp_path, monkeypatch, request):
         monkeypatch.delenv(var, raising=False)
     if "models_dir" in request.fixturenames or "embedded" in request.fixturenames:
         (home / "models").symlink_to(request.getfixturevalue("models_dir"))
+        (home / "calibrations").symlink_to(request.getfixturevalue("calibrations_dir"))
     return home
 
 
@@ -111,6 +120,6 @@ def embedded(models_dir):
 
 
 def chat_ids(lm, text: str, system: str | None = None) -> list[int]:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    s = lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return lm.tokenizer(s, add_special_tokens=False)["input_ids"]
+    from kvchat.templating import prompt_ids
+
+    return prompt_ids(lm.tokenizer, [{"role": "user", "content": text}], system)

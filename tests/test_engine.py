@@ -28,7 +28,7 @@ def test_logits_match_hf_prefill_then_decode(arch):
     store = KVStore(lm.desc, n_slots=1, block_size=16)
     got = [runner.prefill(store, 0, torch.tensor(ids[:21]), torch.arange(21))]
     for i in range(21, 40):
-        got.append(runner.decode(store, torch.tensor([0]), torch.tensor([ids[i]]), torch.tensor([i]))[0])
+        got.append(runner.decode(store, [0], torch.tensor([0]), torch.tensor([ids[i]]), torch.tensor([i]))[0])
     got = torch.stack(got)
     err = (got - ref[20:]).abs().max().item()
     assert err < 1e-4, f"{arch}: max abs logit error {err:.2e}"
@@ -86,13 +86,15 @@ def test_top_k_one_is_greedy():
     assert k1 == greedy
 
 
-def test_prompt_longer_than_context_is_a_clear_error_unless_truncated():
+def test_prompt_longer_than_context_is_a_clear_error():
+    """The engine never cuts ids itself (it cannot tell a template's framing from message text):
+    kvchat.templating cuts message text for --truncate left."""
     lm = tiny_model("llama")
     long = list(range(1, 300)) * 2  # 598 tokens > 512 positions (vocab 320)
     with pytest.raises(PromptTooLong, match=r"prompt is 598 tokens; model max is 512 \(use --truncate left\)"):
         Engine(lm, Profile("full")).generate(long, SamplingParams(max_new_tokens=4))
-    res = Engine(lm, Profile("full"), truncate="left").generate(long, SamplingParams(max_new_tokens=4))
-    assert res.prompt_tokens == 512 - 4 and len(res.token_ids) == 4
+    res = Engine(lm, Profile("full")).generate(long[:511], SamplingParams(max_new_tokens=4))
+    assert res.prompt_tokens == 511 and res.finish_reason == "length"
 
 
 def test_generation_stops_at_context_end():
@@ -102,7 +104,7 @@ def test_generation_stops_at_context_end():
 
 
 def test_first_chunk_fast_path_equals_store_attention():
-    from kvchat.engine.forward import causal_attention
+    from kvchat.cache.attention import causal_attention
     from kvchat_kernels import prefill_attention_ref
 
     torch.manual_seed(0)

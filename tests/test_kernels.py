@@ -75,11 +75,15 @@ def make_store(lengths, block_size, D, dtype, extra_blocks=2, seed=0):
     return (k.to(dev), v.to(dev), table.view(B, Hkv, max_blocks).to(dev), lengths.to(dev), bias.to(dev))
 
 
-def test_runs_under_interpreter_without_cuda():
-    if not CUDA:
-        for kernel in (PA._decode_partial_kernel, PA._decode_merge_kernel, PA._decode_colsum_kernel,
-                       PF._prefill_kernel, PF._prefill_rows_kernel, SO._store_write_kernel, SO._store_gather_kernel):
-            assert isinstance(kernel, InterpretedFunction)
+def test_kernels_run_interpreted_without_cuda_and_compiled_with_it():
+    from triton.runtime.jit import JITFunction
+
+    for kernel in (PA._decode_partial_kernel, PA._decode_merge_kernel, PA._decode_colsum_kernel,
+                   PF._prefill_kernel, PF._prefill_rows_kernel, SO._store_write_kernel, SO._store_gather_kernel):
+        if CUDA:  # compiled for the GPU: the tests below then check the real kernels, not the interpreter
+            assert isinstance(kernel, JITFunction) and not isinstance(kernel, InterpretedFunction), kernel
+        else:
+            assert isinstance(kernel, InterpretedFunction), kernel
 
 
 # ---- paged decode attention ------------------------------------------------------------------------
@@ -236,3 +240,59 @@ def test_store_write_and_gather(N, dtype):
     for i, (a, b) in enumerate(zip(SO.store_gather(got, blocks, offsets, impl="triton"),
                                    SO.store_gather_ref(want, blocks, offsets))):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"gather pool {i}"
+
+
+# ---- causality by stored position, 16-bit stores under a 32-bit model ----------------------------------
+
+def _positions(lengths, T, seed):
+    """Stored positions (increasing, with gaps: evicted tokens) and chunk query positions interleaved
+    with them (a layer reading a store another layer compacted)."""
+    g = torch.Generator().manual_seed(seed)
+    H, L = len(lengths), max(lengths)
+    stored = torch.zeros(H, L, dtype=torch.int32)
+    for h, n in enumerate(lengths):
+        stored[h, :n] = torch.randperm(3 * L, generator=g)[:n].sort().values.int()
+    q_pos = torch.randperm(3 * L, generator=g)[:T].sort().values
+    return stored, q_pos
+
+
+@pytest.mark.parametrize("lengths,T,G", [([41, 23], 9, 3), ([70, 33, 50], 20, 2), ([5, 0], 4, 1)])
+def test_prefill_position_limits(lengths, T, G):
+    dtype = torch.float32
+    q, k, v, table, lens, bias = _prefill_case(lengths, T, G, 64, dtype, seed=T + G)
+    stored, q_pos = _positions(lengths, T, seed=T)
+    limits = PF.visible_limits(stored, lens.cpu(), q_pos).to(DEVICE)
+    # the limits are the brute-force count of stored tokens at or before each query position
+    for h, n in enumerate(lengths):
+        brute = [(stored[h, :n] <= p).sum().item() for p in q_pos]
+        assert limits[h].tolist() == brute
+    scale = 0.125
+    want = PF.prefill_attention_ref(q, k, v, table, lens, scale, bias, 5, limits=limits)
+    got = PF.prefill_attention(q, k, v, table, lens, scale, bias, 5, limits=limits, impl="triton")
+    assert_close(got[0], want[0], dtype, "out")
+    assert_close(got[1], want[1], dtype, "rows")
+    # and the reference itself against plain masked attention over the gathered keys
+    Hkv = len(lengths)
+    for h, n in enumerate(lengths):
+        kh = torch.stack([k[table[h, j // 16], j % 16] for j in range(n)]) if n else torch.zeros(0, 64)
+        vh = torch.stack([v[table[h, j // 16], j % 16] for j in range(n)]) if n else torch.zeros(0, 64)
+        bh = torch.stack([bias[table[h, j // 16], j % 16] for j in range(n)]) if n else torch.zeros(0)
+        for g in range(G):
+            s = (q[:, h * G + g] @ kh.T) * scale + bh
+            s = s.masked_fill(stored[h, :n].view(1, -1) > q_pos.view(-1, 1), float("-inf"))
+            o = torch.softmax(s, -1).nan_to_num(0.0) @ vh
+            assert_close(want[0][:, h * G + g], o, dtype, f"head {h}.{g} vs brute force")
+
+
+@pytest.mark.parametrize("store_dtype", [torch.float16])
+def test_16bit_store_under_fp32_queries(store_dtype):
+    k, v, table, lengths, bias = make_store(DECODE_LENGTHS, 16, 64, store_dtype, seed=9)
+    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    want = PA.paged_decode_attention_ref(q, k, v, table, lengths, 0.125, bias, True)
+    got = PA.paged_decode_attention(q, k, v, table, lengths, 0.125, bias, True, impl="triton")
+    assert got[0].dtype == torch.float32
+    assert_close(got[0], want[0], torch.float32, "out")
+    assert_close(got[1], want[1], torch.float32, "colsum")
+    q2, k2, v2, table2, lens2, bias2 = _prefill_case([41, 23], 9, 3, 64, store_dtype, seed=4)
+    q2 = q2.float()
+    _check_prefill(q2, k2, v2, table2, lens2, bias2, 3, torch.float32)

@@ -70,11 +70,13 @@ def test_decode_held_bytes_bounded(lm, prompts, name):
 def test_razor_calibration_finds_heads_and_is_deterministic(lm, tmp_path, monkeypatch):
     from kvchat.calibration import calibrate, retrieval_heads, score_heads
     from kvchat.calibration.cache import read_json
+    from kvchat.engine.probe import make_probe
     from kvchat.methods.razor import RazorAttention
 
     monkeypatch.setenv("KVCHAT_HOME", str(tmp_path))
-    assert score_heads(lm, 32, 3, seed=5) == score_heads(lm, 32, 3, seed=5)
-    data = read_json(calibrate(lm, RazorAttention()))
+    probe = make_probe(lm)
+    assert score_heads(probe, 32, 3, seed=5) == score_heads(probe, 32, 3, seed=5)
+    data = read_json(calibrate(probe, RazorAttention()))
     heads = retrieval_heads(data, 0.01, 0.14)
     assert 12 <= sum(map(len, heads)) <= 16  # ceil(0.01 x 90) + ceil(0.14 x 90), minus overlap
     assert max(max(row) for row in data["induction"]) > 0.5  # real induction heads, not noise

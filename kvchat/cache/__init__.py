@@ -1,6 +1,8 @@
-"""The KV store: paged, ragged per (slot, layer, kv head), with physical byte accounting."""
+"""The KV store: formats per layer (paged, ragged per (slot, layer, kv head)), aliases, byte accounting."""
 
+from kvchat.cache.dense import DenseFormat
+from kvchat.cache.format import Format, Tokens
 from kvchat.cache.kvstore import KVStore
-from kvchat.cache.store import LayerStore
+from kvchat.cache.usage import Usage, saved
 
-__all__ = ["KVStore", "LayerStore"]
+__all__ = ["DenseFormat", "Format", "KVStore", "Tokens", "Usage", "saved"]

@@ -1,29 +1,40 @@
-"""All layers' stores for a set of slots, and the byte accounting the CLI reports.
+"""All layers' storage for a set of slots: formats per layer, aliases, compaction events, byte accounting.
+
+A layer either owns a format (dense by default; a profile's format method may give it another) or is an
+alias: it reads an earlier layer's store and owns nothing (KVSharer). Methods address storage by layer
+through this object. `compact` is an event: the format compacts, the step's statistics of that layer
+follow, and every listener's `on_compact(layer, slot, keep)` remaps its per-token state.
 
 `bytes_full` is what an uncompressed cache in the model's dtype would hold for the same sequences at the
-same moment: tokens seen x layers x 2 x kv_heads x head_dim x dtype size. A layer that reads another
-layer's store (KVSharer) is an alias and owns nothing; shared storage is counted once.
+same moment: tokens seen x layers x 2 x kv_heads x head_dim x dtype size. Shared storage is counted once.
 """
 
 from __future__ import annotations
 
+import torch
 
-from kvchat.cache.store import LayerStore
+from kvchat.cache.dense import DenseFormat
+from kvchat.cache.format import Format, Tokens
+from kvchat.cache.stats import StepStats
 
 
 class KVStore:
-    def __init__(self, desc, n_slots: int, block_size: int = 16, with_bias=False, aliases: dict[int, int] | None = None):
+    def __init__(self, desc, n_slots: int, block_size: int = 16, with_bias: bool = False,
+                 aliases: dict[int, int] | None = None, formats: dict[int, Format] | None = None, listeners=()):
         self.desc = desc
         self.n_slots = n_slots
         self.block_size = block_size
-        self.aliases = dict(aliases or {})  # layer -> layer whose store it reads
-        own = {}
+        self.aliases = dict(aliases or {})  # layer -> earlier layer whose store it reads (no chains)
+        formats = dict(formats or {})
+        self._own: dict[int, Format] = {}
         for l in range(desc.n_layers):
             if l not in self.aliases:
-                own[l] = LayerStore(n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device,
-                                    with_bias=with_bias)
-        self._own = own
-        self.layers = [own[self.aliases.get(l, l)] for l in range(desc.n_layers)]
+                self._own[l] = formats.pop(l, None) or DenseFormat(
+                    n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device, with_bias)
+        self.layers = [self._own[self.owner(l)] for l in range(desc.n_layers)]
+        self.listeners = list(listeners)
+        self.stats: dict[int, StepStats] = {}  # this step's statistics per layer (set by the forward)
+        self.chunk_start: dict[int, list[int]] = {}  # per owned layer: where the current chunk begins
         self.seen = [0] * n_slots  # tokens each slot's sequence has processed (what a full cache holds)
         self.peak_held = 0
         self.peak_full = 0
@@ -31,24 +42,63 @@ class KVStore:
         self.slot_peak_full = [0] * n_slots
         self.n_notes = self.sum_held = self.sum_full = 0  # for averages over a run (batch summary)
 
-    def owned(self) -> list[LayerStore]:
-        return list(self._own.values())
+    # ---- layout ------------------------------------------------------------------------------------
+    def owner(self, layer: int) -> int:
+        return self.aliases.get(layer, layer)
 
     def owns(self, layer: int) -> bool:
         return layer not in self.aliases
 
+    def owned(self) -> list[Format]:
+        return list(self._own.values())
+
+    def owned_layers(self) -> list[int]:
+        return list(self._own)
+
+    def format(self, layer: int) -> Format:
+        return self.layers[layer]
+
+    # ---- tokens, by layer --------------------------------------------------------------------------
+    def lengths(self, layer: int, slot: int) -> list[int]:
+        """Tokens held per KV head (a Python list: no device sync)."""
+        return self.layers[layer].host[slot]
+
+    def read(self, layer: int, slot: int, head: int, idx: torch.Tensor | None = None) -> Tokens:
+        return self.layers[layer].read(slot, head, idx)
+
+    def write(self, layer: int, slot: int, head: int, idx: torch.Tensor, tokens: Tokens) -> None:
+        self.layers[layer].write(slot, head, idx, tokens)
+
+    def compact(self, layer: int, slot: int, keep: list[torch.Tensor]) -> None:
+        """Keep only `keep[h]` (sorted storage indices) of each KV head of (`layer`'s owner, `slot`)."""
+        owner = self.owner(layer)
+        keep = [k.long() for k in keep]
+        before = list(self.layers[owner].host[slot])
+        if all(int(k.numel()) == n for k, n in zip(keep, before)):
+            return  # keeps everything (indices are sorted and unique): nothing moves
+        self.layers[owner].compact(slot, keep)
+        for l, st in self.stats.items():
+            if self.owner(l) == owner:
+                st.remap(slot, keep)
+        for m in self.listeners:
+            m.on_compact(owner, slot, keep, before)
+
+    def seal(self, slots: list[int]) -> None:
+        for f in self.owned():
+            f.seal(slots)
+
     # ---- accounting --------------------------------------------------------------------------------
     def bytes_held(self) -> int:
-        return sum(s.bytes_held() for s in self.owned())
+        return sum(f.bytes_held() for f in self.owned())
 
     def bytes_reserved(self) -> int:
-        return sum(s.bytes_reserved() for s in self.owned())
+        return sum(f.bytes_reserved() for f in self.owned())
 
     def bytes_full(self) -> int:
         return sum(self.seen) * self.desc.kv_bytes_per_token
 
     def slot_held(self, slot: int) -> int:
-        return sum(s.bytes_held_slot(slot) for s in self.owned())
+        return sum(f.bytes_held_slot(slot) for f in self.owned())
 
     def slot_full(self, slot: int) -> int:
         return self.seen[slot] * self.desc.kv_bytes_per_token
@@ -67,16 +117,18 @@ class KVStore:
 
     def tokens_kept(self, slot: int) -> list[list[int]]:
         """Per layer, per kv head: tokens stored for `slot` (aliases report their source's store)."""
-        return [s.lengths[slot].tolist() for s in self.layers]
+        return [f.tokens_held(slot) for f in self.layers]
 
     # ---- slot lifecycle ----------------------------------------------------------------------------
     def free_slot(self, slot: int) -> None:
-        for s in self.owned():
-            s.free_slot(slot)
+        for f in self.owned():
+            f.free_slot(slot)
         self.seen[slot] = 0
         self.slot_peak_held[slot] = 0
         self.slot_peak_full[slot] = 0
+        for m in self.listeners:
+            m.on_free(slot)
 
     def trim(self) -> None:
-        for s in self.owned():
-            s.trim()
+        for f in self.owned():
+            f.trim()

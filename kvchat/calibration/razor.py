@@ -15,8 +15,6 @@ import sys
 
 import torch
 
-from kvchat.cache import KVStore
-from kvchat.methods.base import Method
 
 PAPER_TOKEN_RANGE = (10000, 12500)  # the reference implementation draws ids from here
 
@@ -43,42 +41,28 @@ def pattern_masks(n: int, repeats: int, offset: int) -> tuple[torch.Tensor, torc
     return echo, induction, rows
 
 
-class _Collect(Method):
-    """Rides the normal prefill and scores each layer's attention rows (all queries of a short input)."""
-
-    name = "razor-calibration"
-
-    def __init__(self, T: int, masks, group: int, bar):
-        self.T, self.masks, self.group, self.bar = T, masks, group, bar
-        self.echo, self.induction = [], []
-
-    def prefill_rows(self, layer: int) -> int:
-        return self.T
-
-    def after_prefill_layer(self, ctx):
-        echo, ind, rows = self.masks
-        probs = ctx.rows[:, :, : self.T][:, rows]  # (H_q, R, S)
-        per_q = [(probs * m[rows]).sum(-1).mean(-1) for m in (echo, ind)]  # (H_q,) attention mass
-        for out, s in zip((self.echo, self.induction), per_q):
-            out.append(s.view(-1, self.group).amax(-1).tolist())  # max over each KV group
-        self.bar.update(1)
-        return None
-
-
 @torch.no_grad()
-def score_heads(lm, n: int = 256, repeats: int = 4, seed: int = 2025) -> dict:
-    """-> {"echo": [[score per kv head] per layer], "induction": [...]} on `lm`."""
+def score_heads(probe, n: int = 256, repeats: int = 4, seed: int = 2025) -> dict:
+    """-> {"echo": [[score per kv head] per layer], "induction": [...]} of the probe's model."""
     from tqdm import tqdm
 
-    from kvchat.engine.forward import Runner
-
-    d = lm.desc
-    ids = random_repeats(d.vocab, n, repeats, seed, lm.tokenizer.bos_token_id).to(d.device)
-    masks = [m.to(d.device) for m in pattern_masks(n, repeats, ids.numel() - n * repeats)]
+    d = probe.desc
+    ids = random_repeats(d.vocab, n, repeats, seed, probe.tokenizer.bos_token_id).to(d.device)
+    echo_m, ind_m, rows_m = (m.to(d.device) for m in pattern_masks(n, repeats, ids.numel() - n * repeats))
+    group = d.n_heads // d.n_kv_heads
+    echo, induction = [], []
+    T = ids.numel()
     with tqdm(total=d.n_layers, desc="razor: scoring heads", unit="layer", file=sys.stderr) as bar:
-        col = _Collect(ids.numel(), masks, d.n_heads // d.n_kv_heads, bar)
-        Runner(lm, [col]).prefill(KVStore(d, 1), 0, ids, torch.arange(ids.numel(), device=d.device))
-    return {"echo": col.echo, "induction": col.induction}
+
+        def trace(layer, t):
+            probs = t["rows"][:, :, :T][:, rows_m]  # (H_q, R, S): every query's attention
+            for out, m in ((echo, echo_m), (induction, ind_m)):
+                mass = (probs * m[rows_m]).sum(-1).mean(-1)  # (H_q,) attention mass on the pattern
+                out.append(mass.view(-1, group).amax(-1).tolist())  # max over each KV group
+            bar.update(1)
+
+        probe.run(ids, rows=T, trace=trace)
+    return {"echo": echo, "induction": induction}
 
 
 def retrieval_heads(scores: dict, echo_ratio: float, induction_ratio: float) -> list[list[int]]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvchat_kernels import paged_decode_attention, prefill_attention
-from kvchat.methods.base import PrefillCtx
+from kvchat.cache.stats import StepStats
+from kvchat.methods.base import DecodeCtx, PrefillCtx
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -22,26 +22,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def causal_attention(q, k, v, scale, last_w=0):
-    """A sequence's first chunk, straight from its K/V: q (T, H_q, D), k/v (T, H_kv, D).
-
-    Same contract as `prefill_attention` with an empty store: -> out (T, H_q, D) [, rows (H_q, w, T)]."""
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                         v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
-                                         enable_gqa=True)[0].transpose(0, 1)
-    if last_w <= 0:
-        return out
-    w = min(last_w, T)
-    G = Hq // Hkv
-    qw = q[T - w :].transpose(0, 1).reshape(Hkv, G * w, D)
-    scores = torch.matmul(qw, k.permute(1, 2, 0)).float().view(Hkv, G, w, T) * scale
-    causal = torch.arange(T).view(1, T) <= torch.arange(T - w, T).view(w, 1)
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-    return out, probs.reshape(Hq, w, T)
 
 
 @dataclass
@@ -102,8 +82,19 @@ def layer_weights(layer, transposed: bool = False) -> LayerWeights:
     )
 
 
+class PrefillStopped(Exception):
+    """`should_stop` asked to stop a prefill between layers; `layer` is the last layer that ran."""
+
+    def __init__(self, layer: int):
+        super().__init__(layer)
+        self.layer = layer
+
+
 class Runner:
-    """Forward passes for prefill (one slot, a chunk of tokens) and decode (several slots, one token each)."""
+    """Forward passes for prefill (one slot, a chunk of tokens) and decode (several slots, one token each).
+
+    Each layer either owns storage (computes Q, K, V and appends K/V to its format) or reads an earlier
+    layer's store (computes Q only: its K/V projections are skipped, the compute KVSharer saves)."""
 
     def __init__(self, lm, methods=(), max_slots: int = 1):
         hf = lm.hf
@@ -119,18 +110,30 @@ class Runner:
         _relayout(self.lm_head, self.transposed)  # tied to the embedding: row lookups don't mind
         self.scale = getattr(hf.model.layers[0].self_attn, "scaling", d.head_dim**-0.5)
         self.n_q, self.n_kv, self.D = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.head_dim
+        self.group = d.n_heads // d.n_kv_heads
         self.methods = list(methods)
-        self.stats = {"prefill_tokens": 0, "prefill_layer_tokens": 0}
+        self.stats = {"prefill_tokens": 0, "prefill_layer_tokens": 0, "kv_projections": 0}
 
     def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin):
-        """h (N, hidden) -> q (N, H_q, D), k, v (N, H_kv, D); RoPE applied to q and k."""
+        """h (N, hidden) -> q (N, H_q, D), k_pre, k, v (N, H_kv, D); RoPE applied to q and k (k_pre is
+        the key before RoPE: what a low-rank format stores)."""
         N = h.shape[0]
+        self.stats["kv_projections"] += N
         qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
         q, k, v = q.view(N, -1, self.D), k.view(N, -1, self.D), v.view(N, -1, self.D)
         if lw.q_norm is not None:
             q, k = lw.q_norm(q), lw.k_norm(k)
-        return rope(q, cos, sin), rope(k, cos, sin), v
+        return rope(q, cos, sin), k, rope(k, cos, sin), v
+
+    def _q(self, lw: LayerWeights, h: torch.Tensor, cos, sin):
+        """h (N, hidden) -> q (N, H_q, D) only: a layer reading another layer's store."""
+        N = h.shape[0]
+        b = None if lw.b_qkv is None else lw.b_qkv[: self.n_q]
+        q = F.linear(h, lw.w_qkv[: self.n_q], b).view(N, -1, self.D)
+        if lw.q_norm is not None:
+            q = lw.q_norm(q)
+        return rope(q, cos, sin)
 
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(lw.post_norm(x), lw.w_gate_up).chunk(2, dim=-1)
@@ -140,57 +143,87 @@ class Runner:
         cos, sin = self.rotary(x, positions.view(1, -1))  # (1, N, D)
         return cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
 
+    def rotate(self, k: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Keys k (N, D) rotated at positions `old` -> the same keys at positions `new`. RoPE rotations
+        compose, so rotating by (new - old) moves them; a scaled RoPE's attention factor is divided out."""
+        delta = (new.long() - old.long()).view(-1)
+        cos, sin = self.rotary(k.unsqueeze(0), delta.view(1, -1))  # (1, N, D)
+        f = getattr(self.rotary, "attention_scaling", 1.0) or 1.0
+        return rope(k.unsqueeze(1), cos[0].unsqueeze(1) / f, sin[0].unsqueeze(1) / f)[:, 0].to(k.dtype)
+
     def logits(self, x_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x_last)).float()
 
     @torch.no_grad()
-    def prefill(self, store, slot: int, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run a chunk for one slot on top of what the store holds; -> logits of the chunk's last token,
-        or with `all_logits` (T', vocab) of every token still in the residual stream (teacher forcing)."""
+    def prefill(self, store, slot: int, ids: torch.Tensor, positions: torch.Tensor, out: str = "last",
+                methods=None, trace=None, should_stop=None) -> torch.Tensor:
+        """Run a chunk for one slot on top of what the store holds.
+
+        out: "last" -> logits of the chunk's last token (vocab,); "logits" -> (T', vocab) for every token
+        still in the residual stream at the end; "hidden" -> their final normed hidden states (T', hidden).
+        `trace(layer, tensors)` sees each layer's h (normed input), q, k_pre, k, v (None for a layer
+        reading another's store) and rows (calibrations). `should_stop(layer)` is asked after each layer;
+        True raises PrefillStopped (the caller rolls the chunk back)."""
+        methods = self.methods if methods is None else methods
         x = self.embed(ids)  # (T, hidden)
         cos, sin = self._rope_tables(x, positions)  # (T, 1, D), gathered alongside x when tokens drop
         self.stats["prefill_tokens"] += ids.shape[0]
+        store.stats = {}
         for li, lw in enumerate(self.layers):
             self.stats["prefill_layer_tokens"] += x.shape[0]
-            q, k, v = self._qkv(lw, lw.in_norm(x), cos, sin)
-            st = store.layers[li]
-            start = st.lengths[slot].tolist()
+            h = lw.in_norm(x)
+            fmt = store.format(li)
             if store.owns(li):
-                st.append_chunk(slot, k, v, positions)
-            w = max((m.prefill_rows(li) for m in self.methods), default=0)
-            if store.owns(li) and not any(start):
-                # Nothing stored before this chunk: attend to its own K/V (no gather; a first chunk
-                # carries no logit bias yet, appends write 0).
-                res = causal_attention(q, k, v, self.scale, w)
-            else:
-                res = prefill_attention(q, st.k, st.v, st.table[slot], st.lengths[slot], self.scale,
-                                        bias_pool=st.bias, last_w=w)
-            attn, rows = res if w else (res, None)
+                q, k_pre, k, v = self._qkv(lw, h, cos, sin)
+                start = store.chunk_start[li] = list(fmt.host[slot])
+                fmt.append_chunk(slot, k_pre, k, v, positions)
+                for m in methods:  # every method counts the new tokens before any of them evicts
+                    m.on_append(li, [slot], k.shape[0])
+                fresh = (k, v)
+            else:  # reads an earlier layer's store, which already holds this chunk
+                q, k_pre, k, v, fresh = self._q(lw, h, cos, sin), None, None, None, None
+                start = store.chunk_start[store.owner(li)]
+            w = max((m.prefill_rows(li) for m in methods), default=0)
+            attn, rows = fmt.attend_prefill(q, slot, positions, self.scale, w, fresh)
+            stats = store.stats[li] = StepStats(self.group, rows=rows, slot=slot)
+            if trace is not None:
+                trace(li, {"h": h, "q": q, "k_pre": k_pre, "k": k, "v": v, "rows": rows})
             x = x + F.linear(attn.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
             x = self._mlp(lw, x)
-            for m in self.methods:
-                keep = m.after_prefill_layer(PrefillCtx(li, slot, store, positions, rows, start))
+            for m in methods:
+                keep = m.after_prefill_layer(PrefillCtx(li, slot, store, positions, stats, start))
                 if keep is not None:  # the method dropped tokens from the residual stream
                     x, positions, cos, sin = x[keep], positions[keep], cos[keep], sin[keep]
-        return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+            if should_stop is not None and should_stop(li):
+                raise PrefillStopped(li)
+        if out == "hidden":
+            return self.norm(x)
+        return self.logits(x) if out == "logits" else self.logits(x[-1:])[0]
 
     @torch.no_grad()
-    def decode(self, store, slots: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, store, slots: list[int], slots_t: torch.Tensor, ids: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
         """One token for each of `slots` (B,); -> logits (B, vocab)."""
         x = self.embed(ids)  # (B, hidden)
         cos, sin = self._rope_tables(x, positions)
         B = ids.shape[0]
+        store.stats = {}
         for li, lw in enumerate(self.layers):
-            q, k, v = self._qkv(lw, lw.in_norm(x), cos, sin)
-            st = store.layers[li]
+            h = lw.in_norm(x)
+            fmt = store.format(li)
             if store.owns(li):
-                st.append_step(slots, k, v, positions)
+                q, k_pre, k, v = self._qkv(lw, h, cos, sin)
+                fmt.append_step(slots, slots_t, k_pre, k, v, positions)
+                for m in self.methods:  # every method counts the new token before any of them evicts
+                    m.on_append(li, slots, 1)
+            else:
+                q = self._q(lw, h, cos, sin)
             want = any(m.decode_colsum(li) for m in self.methods)
-            res = paged_decode_attention(q, st.k, st.v, st.table[slots], st.lengths[slots], self.scale,
-                                         bias_pool=st.bias, return_colsum=want)
-            attn, colsum = res if want else (res, None)
+            attn, colsum = fmt.attend_decode(q, slots_t, self.scale, want)
+            stats = store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
             x = x + F.linear(attn.reshape(B, -1), lw.w_o, lw.b_o)
             x = self._mlp(lw, x)
+            ctx = DecodeCtx(li, store, slots, stats)
             for m in self.methods:
-                m.after_decode_layer(li, store, slots, colsum)
+                m.after_decode_layer(ctx)
         return self.logits(x)

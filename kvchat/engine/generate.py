@@ -7,130 +7,102 @@ whatever its (compressed) cache holds.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from kvchat.cache import KVStore
 from kvchat.cache.usage import Usage
-from kvchat.engine.forward import Runner
+from kvchat.engine.forward import PrefillStopped, Runner
+from kvchat.engine.layout import build_formats, resolve_aliases
+from kvchat.engine.probe import Probe
+from kvchat.engine.forcing import Forcing
 from kvchat.engine.sampling import SamplingParams, find_stop, sample
+from kvchat.engine.seq import Request, Result, Seq, logprobs_of
 from kvchat.errors import PromptTooLong
 from kvchat.profiles import Profile, fresh
-
-
-@dataclass
-class Request:
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    logprobs: int = 0  # record the top-k log-probabilities of every sampled token's distribution (0: off)
-
-
-@dataclass
-class Logprobs:
-    """What a run's distributions were, step by step, for teacher-forced comparisons: the top-k of each
-    sampled token's log-softmax (temperature 1, before sampling). k x 12 bytes a step, so a batch of
-    8 x 256 tokens at k = 256 records ~6 MB instead of the ~400 MB of whole fp32 distributions."""
-
-    tokens: list[int]  # every sampled token, a final EOS included
-    values: torch.Tensor  # (n, k) float32 log-probabilities, descending
-    indices: torch.Tensor  # (n, k) int32 token ids
-
-
-@dataclass
-class Result:
-    id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # stop | length
-    prompt_tokens: int
-    kv: dict
-    timing: dict
-    logprobs: Logprobs | None = None  # when the request asked for them
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class Seq:
-    """A live sequence in a slot."""
-
-    req: Request
-    slot: int
-    pos: int = 0  # next position
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # chars of `text` already streamed
-    last: int | None = None  # sampled, not yet fed
-    n_fed: int = 0  # tokens of `out` already fed through the model (in the store)
-    finish: str | None = None
-    gen: torch.Generator | None = None
-    t0: float = 0.0
-    t_prefill: float = 0.0
-    prefilled: int = 0
-    trace: list | None = None  # (token, top-k values, top-k indices) per sampled token, when recording
 
 
 TokenCallback = Callable[[str, str], None]  # (request id, text delta)
 
 
-class Engine:
+class PrefillInterrupted(Exception):
+    """`should_stop` stopped a prefill. `whole`: the store is exactly as before it (the stop came in the
+    prompt's only or first chunk); otherwise earlier chunks of the prompt are in it, already compressed."""
+
+    def __init__(self, whole: bool):
+        super().__init__("prefill stopped")
+        self.whole = whole
+
+
+class Engine(Forcing):
     """Owns the model runner, the store and the methods of one profile."""
 
     def __init__(self, lm, profile: Profile, max_slots: int = 1, block_size: int = 16, prefill_chunk: int | None = None,
-                 truncate: str | None = None, progress=None, runner: Runner | None = None):
+                 progress=None, runner: Runner | None = None):
         self.lm, self.desc, self.tok = lm, lm.desc, lm.tokenizer
         self.profile = fresh(profile)
         self.methods = self.profile.methods
-        for m in self.methods:
-            m.bind(self.desc, lm, progress)
-        aliases: dict[int, int] = {}
-        for m in self.methods:
-            aliases.update(m.aliases(self.desc))
         self.runner = runner or Runner(lm, self.methods, max_slots=max_slots)
-        self.store = KVStore(self.desc, max_slots, block_size, with_bias=any(m.needs_bias() for m in self.methods),
-                             aliases=aliases)
+        self.probe = Probe(self.runner, lm, progress)
+        for m in self.methods:
+            m.bind(self.desc, self.probe)
+        aliases = resolve_aliases(self.methods, self.desc)
+        with_bias = any(m.needs_bias() for m in self.methods)
+        pinned = max((m.pinned() for m in self.methods), default=0)
+        formats = build_formats(self.methods, self.desc, max_slots, block_size, with_bias, pinned, aliases)
+        self.store = KVStore(self.desc, max_slots, block_size, with_bias=with_bias, aliases=aliases,
+                             formats=formats, listeners=self.methods)
         self.max_slots = max_slots
         self.prefill_chunk = prefill_chunk
-        self.truncate = truncate
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.max_ctx = self.desc.max_positions
         self.peak_live = 0
 
     # ---- one sequence ------------------------------------------------------------------------------
     def check_prompt(self, req: Request, past: int = 0) -> list[int]:
-        """The ids to prefill after `past` tokens already in the slot; errors name the numbers."""
+        """The ids to prefill after `past` tokens already in the slot; errors name the numbers. Cutting a
+        long prompt is the caller's (kvchat.templating): only it knows the template's framing from the text."""
         n, limit = len(req.prompt_ids), self.max_ctx - past
         if n == 0:
             raise PromptTooLong("prompt is empty (0 tokens); give some text")
         if n < limit:
             return req.prompt_ids
-        if self.truncate == "left" and past == 0:
-            keep = limit - min(req.params.max_new_tokens, limit // 2)
-            return req.prompt_ids[-keep:]
         if past:
             raise PromptTooLong(f"conversation would reach {past + n:,} tokens; model max is {self.max_ctx:,} (use /reset)")
         raise PromptTooLong(f"prompt is {n:,} tokens; model max is {limit:,} (use --truncate left)")
 
-    def prefill(self, seq: Seq, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, seq: Seq, ids: list[int], should_stop=None, on_progress=None,
+                all_logits: bool = False) -> torch.Tensor:
         """Feed `ids` on top of the slot's store; -> logits for the next token, or with `all_logits`
-        (len(ids), vocab) logits predicting each token after each of `ids` (teacher forcing)."""
+        (len(ids), vocab) logits predicting each token after each of `ids` (teacher forcing).
+
+        `on_progress(done, total)` is told the prompt tokens' progress (layer by layer, so a long
+        single-chunk prompt still moves); `should_stop()` is asked between layers: True rolls the
+        current chunk back out of every layer and raises PrefillInterrupted."""
         t = time.perf_counter()
         chunk = self.prefill_chunk or len(ids)
         dev = self.desc.device
+        L = self.desc.n_layers
         parts = []
         for i in range(0, len(ids), chunk):
             part = ids[i : i + chunk]
+
+            def between_layers(layer: int, i=i, n=len(part)) -> bool:
+                if on_progress is not None:
+                    on_progress(i + n * (layer + 1) // L, len(ids))
+                return should_stop is not None and bool(should_stop())
+
             pos = torch.arange(seq.pos, seq.pos + len(part), device=dev)
-            logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos,
-                                         all_logits=all_logits)
+            hook = between_layers if (should_stop or on_progress) else None
+            try:
+                logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos,
+                                             out="logits" if all_logits else "last", should_stop=hook)
+            except PrefillStopped as stop:
+                self._roll_back(seq.slot, stop.layer)
+                raise PrefillInterrupted(whole=i == 0) from None
             if all_logits:
                 if logits.shape[0] != len(part):
                     raise ValueError(f"a method dropped {len(part) - logits.shape[0]} of {len(part)} tokens' "
@@ -140,11 +112,43 @@ class Engine:
             self.store.seen[seq.slot] += len(part)
             for m in self.methods:
                 m.after_prefill(self.store, seq.slot)
+            self.store.seal([seq.slot])
         self.store.note([seq.slot])
         self.store.trim()
         seq.prefilled += len(ids)
         seq.t_prefill += time.perf_counter() - t
         return torch.cat(parts) if all_logits else logits
+
+    def positions_held(self, slot: int) -> int:
+        """How many distinct positions the tokens `slot` holds span (what `reposition` re-indexes to)."""
+        return int(self._held_positions(slot).numel())
+
+    def _held_positions(self, slot: int) -> torch.Tensor:
+        st = self.store
+        return torch.unique(torch.cat([st.read(l, slot, h).pos.long() for l in st.owned_layers()
+                                       for h in range(self.desc.n_kv_heads)]))  # sorted
+
+    def reposition(self, slot: int) -> int:
+        """Re-index the tokens `slot` holds to consecutive positions 0..n-1 (in order; the same token keeps
+        the same position in every layer and head), keys re-rotated. -> the next free position, n.
+
+        A compressing profile holds far fewer tokens than it has seen: this lets a conversation go on past
+        the model's max positions (StreamingLLM's positions within the cache)."""
+        st = self.store
+        held = self._held_positions(slot)
+        rank = lambda old: torch.searchsorted(held, old.long())  # noqa: E731
+        for l in st.owned_layers():
+            st.format(l).reposition(slot, rank, self.runner.rotate)
+        return int(held.numel())
+
+    def _roll_back(self, slot: int, last_layer: int) -> None:
+        """Take a stopped chunk out of the layers that stored it (every method's state follows)."""
+        for layer in range(last_layer + 1):
+            if self.store.owns(layer):
+                start = self.store.chunk_start[layer]
+                self.store.compact(layer, slot, [torch.arange(n) for n in start])
+        self.store.stats = {}
+        self.store.trim()  # give back the blocks the chunk took
 
     def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None) -> None:
         p = seq.req.params
@@ -181,38 +185,50 @@ class Engine:
             on_token(seq.req.id, seq.text[seq.emitted : end])
             seq.emitted = end
 
-    def start(self, req: Request, on_token: TokenCallback | None = None, slot: int | None = None, pos: int = 0) -> Seq:
-        """Prefill `req` into a free slot, or on top of `slot`'s store at position `pos` (next turn)."""
+    def start(self, req: Request, on_token: TokenCallback | None = None, slot: int | None = None, pos: int = 0,
+              should_stop=None, on_progress=None) -> Seq:
+        """Prefill `req` into a free slot, or on top of `slot`'s store at position `pos` (next turn).
+        `should_stop` / `on_progress`: see `prefill` (a stopped prefill gives a fresh slot back)."""
         ids = self.check_prompt(req, past=pos)
-        if slot is None:
+        fresh_slot = slot is None
+        if fresh_slot:
             slot = self.free_slots.pop()
         seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter(),
                   trace=[] if req.logprobs > 0 else None)
         seq.req = Request(req.id, ids, req.params, req.logprobs)
-        self._accept(seq, self.prefill(seq, ids), on_token)
+        try:
+            logits = self.prefill(seq, ids, should_stop, on_progress)
+        except PrefillInterrupted:
+            if fresh_slot:
+                self.release(seq)
+            raise
+        self._accept(seq, logits, on_token)
         return seq
+
+    def feed(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
+        """One decode step feeding `tokens[i]` to `seqs[i]` (sampled, or forced for teacher-forced
+        scoring); the methods and formats run as in generation. -> logits (B, vocab)."""
+        dev = self.desc.device
+        slots = [s.slot for s in seqs]
+        slots_t = torch.tensor(slots, device=dev)
+        ids = torch.tensor(tokens, device=dev)
+        pos = torch.tensor([s.pos for s in seqs], device=dev)
+        logits = self.runner.decode(self.store, slots, slots_t, ids, pos)
+        for s in seqs:
+            s.pos += 1
+            s.n_fed += 1
+            self.store.seen[s.slot] += 1
+        for m in self.methods:
+            m.after_decode(self.store, slots)
+        self.store.seal(slots)
+        self.store.note(slots)
+        return logits
 
     def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
         """One decode step for every live sequence in `seqs`."""
-        logits = self._feed(seqs, [s.last for s in seqs])
+        logits = self.feed(seqs, [s.last for s in seqs])
         for i, s in enumerate(seqs):
-            s.n_fed += 1
             self._accept(s, logits[i], on_token)
-
-    def _feed(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
-        """Feed one token to each sequence (a decode step, methods included); -> logits (B, vocab)."""
-        dev = self.desc.device
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        ids = torch.tensor(tokens, device=dev)
-        pos = torch.tensor([s.pos for s in seqs], device=dev)
-        logits = self.runner.decode(self.store, slots, ids, pos)
-        for s in seqs:
-            s.pos += 1
-            self.store.seen[s.slot] += 1
-        for m in self.methods:
-            m.after_decode(self.store, slots.tolist())
-        self.store.note(slots.tolist())
-        return logits
 
     def usage(self, slot: int) -> Usage:
         """KV bytes of the sequence in `slot`: the one way callers read memory figures."""
@@ -239,10 +255,16 @@ class Engine:
         return Result(
             id=seq.req.id, text=seq.text, token_ids=list(seq.out), finish_reason=seq.finish or "length",
             prompt_tokens=len(seq.req.prompt_ids), kv=self.usage(seq.slot).record(self.profile.name),
+            # Per sequence: its tokens over its own decode seconds, which it shares with the other
+            # sequences decoding (and prefilling) beside it; a batch run's throughput is the summary's.
             timing={"prefill_s": round(seq.t_prefill, 4), "decode_s": round(decode_s, 4),
-                    "tokens_per_s": round(n / decode_s, 2) if n else 0.0},
-            logprobs=_logprobs(seq.trace) if seq.trace else None,
+                    "decode_tokens_per_s": round(n / decode_s, 2) if n else 0.0},
+            logprobs=logprobs_of(seq.trace) if seq.trace else None,
         )
+
+    def clear(self, slot: int) -> None:
+        """Drop everything `slot` holds (a new conversation in a slot the caller keeps)."""
+        self.store.free_slot(slot)
 
     def release(self, seq: Seq) -> None:
         self.store.free_slot(seq.slot)
@@ -291,48 +313,3 @@ class Engine:
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None, on_token=None, rid="0") -> Result:
         """One prompt, start to finish, in a fresh slot."""
         return next(iter(self.run([Request(rid, prompt_ids, params or SamplingParams())], on_token)))
-
-    # ---- teacher forcing: measuring what a profile changes --------------------------------------------
-    def force_start(self, ids: list[int]) -> tuple[Seq, torch.Tensor]:
-        """Prefill `ids` into a free slot without sampling. -> (the sequence, logits for the next token);
-        continue with `force`, end with `release`."""
-        if not ids or len(ids) >= self.max_ctx:
-            raise PromptTooLong(f"teacher forcing needs 1 to {self.max_ctx - 1:,} tokens, got {len(ids):,}")
-        seq = Seq(req=Request("forced", list(ids)), slot=self.free_slots.pop(), t0=time.perf_counter())
-        return seq, self.prefill(seq, ids)
-
-    def force(self, seqs: list[Seq], tokens: list[int]) -> torch.Tensor:
-        """One decode step that feeds `tokens` (one per sequence) instead of sampled ones; the methods run
-        as in generation, so evictions during decode count. -> logits (B, vocab) for the next tokens."""
-        if any(s.pos + 1 >= self.max_ctx for s in seqs):
-            raise PromptTooLong(f"teacher forcing past the model's {self.max_ctx:,} positions")
-        return self._feed(seqs, tokens)
-
-    def score_continuation(self, prompt_ids: list[int], answer_ids: list[int]) -> torch.Tensor:
-        """Logits (len(answer_ids), vocab): row i predicts answer_ids[i] from the prompt and the answer
-        before it. One prefill in a fresh slot (prompt, then the answer as a second chunk), so it is
-        meant for profiles that keep every token's hidden state (`full`, see `reference`)."""
-        if len(prompt_ids) + len(answer_ids) > self.max_ctx:
-            raise PromptTooLong(f"prompt + answer is {len(prompt_ids) + len(answer_ids):,} tokens; "
-                                f"model max is {self.max_ctx:,}")
-        seq, first = self.force_start(prompt_ids)
-        try:
-            rest = self.prefill(seq, answer_ids[:-1], all_logits=True) if len(answer_ids) > 1 else first[:0]
-        finally:
-            self.release(seq)
-        return torch.cat([first.unsqueeze(0), rest])
-
-    def reference(self) -> "Engine":
-        """A one-slot `full` engine over this engine's weights (shared, not copied): the yardstick for
-        teacher-forced comparisons beside a compressed engine costs a store, not a second model."""
-        from kvchat.profiles import load_profile
-
-        runner = copy.copy(self.runner)  # same fused weights and modules, no methods, own counters
-        runner.methods = []
-        runner.stats = {k: 0 for k in self.runner.stats}
-        return Engine(self.lm, load_profile("full"), max_slots=1, block_size=self.store.block_size, runner=runner)
-
-
-def _logprobs(trace: list) -> Logprobs:
-    return Logprobs([t for t, _, _ in trace], torch.stack([v for _, v, _ in trace]),
-                    torch.stack([i for _, _, i in trace]))

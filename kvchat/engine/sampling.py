@@ -28,7 +28,10 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int
     not depend on which other requests share the batch."""
     if p.temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / p.temperature
+    scaled = logits / p.temperature
+    if not torch.isfinite(scaled.max()):  # a temperature so small the logits overflow: that is greedy
+        return int(torch.argmax(logits))
+    logits = scaled
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -2,6 +2,7 @@
 
 from kvchat.methods.base import Method, PrefillCtx
 from kvchat.methods.d2o import D2O
+from kvchat.methods.half import Half
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
@@ -11,6 +12,7 @@ REGISTRY: dict[str, type[Method]] = {
     PyramidInfer.name: PyramidInfer,
     RazorAttention.name: RazorAttention,
     D2O.name: D2O,
+    Half.name: Half,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

@@ -1,17 +1,27 @@
 """The interface every KV-cache method implements, and parameter checks for their dataclasses.
 
-A method is a dataclass whose fields are its YAML parameters. The engine calls its hooks; every hook
-is optional (the defaults keep everything), so `full` is a profile with no methods at all.
+A method is a dataclass whose fields are its YAML parameters, and it plays one role:
+- layout: which layers own storage (`aliases`: a layer reads an earlier layer's store, owns nothing);
+- format: how a layer stores a token (`make_format`: dense, quantized, low-rank; at most one per layer);
+- policy: which tokens stay (window, pyramid, razor, d2o), acting on the store through `KVStore.compact`,
+  before a format seals anything (the engine seals after the policies' hooks).
+Every hook is optional (the defaults keep everything), so `full` is a profile with no methods at all.
 
 Hooks, in the order the engine calls them:
-    bind(desc, lm, progress)                 once per model: calibration, per-layer schedules
-    aliases(desc) -> {layer: source_layer}   layers that read another layer's store (KVSharer)
+    bind(desc, probe)                        once per model: calibration (probe runs the model), schedules
+    aliases(desc) -> {layer: source_layer}   layout: layers that read an earlier layer's store
+    format_layers(desc) / make_format(...)   format: the layers it stores, and their format objects
+    pinned() -> n                            policy: leading tokens per head a tail format keeps unsealed
     prefill_rows(layer) -> w                 attention rows of the chunk's last w queries wanted
     after_prefill_layer(ctx) -> keep | None  per layer during prefill; may drop hidden states
     after_prefill(store, slot)               the chunk (a user turn) is in the store
     decode_colsum(layer) -> bool             column sums of decode attention wanted
-    after_decode_layer(layer, store, slots, colsum)
+    on_append(layer, slots, n)               n tokens appended to every head of each slot (owned layers)
+    after_decode_layer(ctx)                  per layer during decode (ctx.colsum)
     after_decode(store, slots)               one token appended to every live slot
+    on_compact(layer, slot, keep, before)    any method compacted (layer, slot): remap per-token state
+    on_free(slot)                            the slot's sequence is gone
+    state_lengths(layer, slot) -> [n per head] | None   per-token state held (tests check it follows)
 """
 
 from __future__ import annotations
@@ -31,21 +41,67 @@ class PrefillCtx:
     slot: int
     store: object  # KVStore
     positions: object  # (T,) original positions of the chunk tokens still in the residual stream
-    rows: object | None  # (H_q, w, L) attention probabilities of the last w queries, if asked for
+    stats: object  # StepStats of this layer: `rows` follows compactions
     chunk_start: list[int]  # per kv head: storage index where this chunk's tokens begin
+
+    @property
+    def rows(self):
+        """(H_q, w, L) attention probabilities of the chunk's last w queries, if any method asked for them
+        (w is the most any method asked for: use `last_rows(w)` for your own)."""
+        return self.stats.rows
+
+    def last_rows(self, w: int):
+        """(H_q, w', L) the rows of the chunk's last w queries (w' = w, or fewer when the chunk is shorter),
+        or None when none were computed at this layer."""
+        rows = self.stats.rows
+        return None if rows is None or w <= 0 else rows[:, -w:]
+
+
+@dataclass
+class DecodeCtx:
+    """What a method sees after one layer of a decode step."""
+
+    layer: int
+    store: object  # KVStore
+    slots: list  # the step's slots, in batch order
+    stats: object  # StepStats of this layer: `colsum` follows compactions
+
+    @property
+    def colsum(self):
+        """(B, H_kv, T) attention mass each stored token received this step, if asked for."""
+        return self.stats.colsum
 
 
 class Method:
     name: ClassVar[str] = ""
+    role: ClassVar[str] = "policy"  # policy | format | layout
 
-    def bind(self, desc, lm=None, progress=None) -> None:
+    @classmethod
+    def keep_all(cls) -> "Method":
+        """An instance whose settings keep everything (a policy that evicts nothing, a lossless format,
+        a layout that shares nothing): the test matrix checks it equals `full` token for token."""
+        raise NotImplementedError(f"{cls.name} defines no keep-everything settings")
+
+    def bind(self, desc, probe=None) -> None:
         self.desc = desc
 
+    # ---- layout ------------------------------------------------------------------------------------
     def aliases(self, desc) -> dict[int, int]:
         return {}
 
+    # ---- format ------------------------------------------------------------------------------------
+    def format_layers(self, desc) -> list[int]:
+        return []
+
+    def make_format(self, layer: int, n_slots: int, block_size: int, desc, with_bias: bool, pinned: int):
+        raise NotImplementedError
+
+    # ---- policy ------------------------------------------------------------------------------------
     def needs_bias(self) -> bool:
         return False
+
+    def pinned(self) -> int:
+        return 0
 
     def prefill_rows(self, layer: int) -> int:
         return 0
@@ -59,11 +115,23 @@ class Method:
     def decode_colsum(self, layer: int) -> bool:
         return False
 
-    def after_decode_layer(self, layer: int, store, slots, colsum) -> None:
+    def on_append(self, layer: int, slots: list[int], n: int) -> None:
+        pass
+
+    def after_decode_layer(self, ctx: DecodeCtx) -> None:
         pass
 
     def after_decode(self, store, slots) -> None:
         pass
+
+    def on_compact(self, layer: int, slot: int, keep, before: list[int]) -> None:
+        pass
+
+    def on_free(self, slot: int) -> None:
+        pass
+
+    def state_lengths(self, layer: int, slot: int) -> list[int] | None:
+        return None
 
     # ---- parameter checks for __post_init__ ----------------------------------------------------------
     def _err(self, key: str, msg: str, value) -> ProfileError:

@@ -76,7 +76,8 @@ def merge(kept_k, kept_v, ev_k, ev_v, tau: float):
 @dataclass
 class _SlotState:
     budgets: list = field(default_factory=list)  # per layer: tokens kept, None = uncompressed
-    scores: list = field(default_factory=list)  # per layer: (H_kv, n) accumulated attention
+    scores: list = field(default_factory=list)  # per layer: (H_kv, N) accumulated attention, 0 past a head's length
+    n: list = field(default_factory=list)  # per layer: tokens scored per head (follows the store's lengths)
     sigma: list = field(default_factory=list)  # per layer density of the last prefill chunk
     tau: list = field(default_factory=list)  # per layer merge threshold, None until the first eviction
 
@@ -100,6 +101,13 @@ class D2O(Method):
         self._float("tau_ema", lo=0.0, hi=1.0)
         self._slots: dict[int, _SlotState] = {}
 
+    @classmethod
+    def keep_all(cls) -> "D2O":
+        return cls(min_budget=10**9)  # every layer's budget exceeds any prompt: nothing is evicted
+
+    def pinned(self) -> int:
+        return self.sink
+
     # ---- prefill -----------------------------------------------------------------------------------
     def prefill_rows(self, layer: int) -> int:
         return self.obs_window
@@ -107,40 +115,74 @@ class D2O(Method):
     def after_prefill_layer(self, ctx: PrefillCtx):
         L = self.desc.n_layers
         if ctx.layer == 0 and (not any(ctx.chunk_start) or ctx.slot not in self._slots):
-            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [0.0] * L, [None] * L)
+            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [None] * L, [0.0] * L, [None] * L)
         state = self._slots[ctx.slot]
-        n = int(ctx.store.layers[ctx.layer].lengths[ctx.slot].max())
-        state.sigma[ctx.layer] = density(ctx.rows, n)
+        lens = list(ctx.store.lengths(ctx.layer, ctx.slot))
+        n = max(lens)
+        rows = ctx.last_rows(self.obs_window)  # its own window, whatever other methods asked for
+        state.sigma[ctx.layer] = density(rows, n)  # a layer sharing another's store still shapes the budgets
+        if not ctx.store.owns(ctx.layer):
+            return None
         G = self.desc.n_heads // self.desc.n_kv_heads
         # Re-scored by this chunk's last queries: earlier turns compete with the new one on equal terms.
-        state.scores[ctx.layer] = ctx.rows[:, :, :n].sum(1).view(-1, G, n).sum(1).float()  # (H_kv, n)
+        state.scores[ctx.layer] = rows[:, :, :n].sum(1).view(-1, G, n).sum(1).float()  # (H_kv, n)
+        state.n[ctx.layer] = lens
         return None
 
     def after_prefill(self, store, slot: int) -> None:
         state = self._slots[slot]
         state.budgets = layer_budgets(state.sigma, store.seen[slot], self.ratio, self.min_budget)
         for layer, budget in enumerate(state.budgets):
-            if budget is not None and store.owns(layer):
-                self._evict(store.layers[layer], slot, layer, state, budget)
+            if budget is None:  # never compressed: no scores to keep up to date
+                state.scores[layer] = state.n[layer] = None
+            elif store.owns(layer):
+                self._evict(store, slot, layer, state, budget)
 
     # ---- decode ------------------------------------------------------------------------------------
     def decode_colsum(self, layer: int) -> bool:
         return 1 < layer < self.desc.n_layers - 1
 
-    def after_decode_layer(self, layer: int, store, slots, colsum) -> None:
-        if colsum is None or not store.owns(layer):
+    def on_append(self, layer: int, slots, n: int) -> None:
+        for slot in slots:
+            state = self._slots.get(slot)
+            if state is not None and state.n[layer] is not None:
+                state.n[layer] = [k + n for k in state.n[layer]]
+                top = max(state.n[layer])
+                old = state.scores[layer]
+                state.scores[layer] = F.pad(old, (0, top - old.shape[1]))  # new tokens start at 0
+
+    def after_decode_layer(self, ctx) -> None:
+        if ctx.colsum is None or not ctx.store.owns(ctx.layer):
             return
-        st = store.layers[layer]
-        for b, slot in enumerate(slots.tolist() if torch.is_tensor(slots) else slots):
+        layer = ctx.layer
+        for b, slot in enumerate(ctx.slots):
             state = self._slots.get(slot)
             if state is None or state.budgets[layer] is None:
                 continue
-            old = state.scores[layer]
-            n = old.shape[1] + 1
-            state.scores[layer] = F.pad(old, (0, 1)) + colsum[b, :, :n].float()
+            n = max(state.n[layer])
+            state.scores[layer] = state.scores[layer] + ctx.colsum[b, :, :n].float()
             # Amortized: let a block's worth pile up, then evict it in one compaction.
-            if n >= state.budgets[layer] + store.block_size:
-                self._evict(st, slot, layer, state, state.budgets[layer])
+            if n >= state.budgets[layer] + ctx.store.block_size:
+                self._evict(ctx.store, slot, layer, state, state.budgets[layer])
+
+    # ---- per-token state follows every compaction --------------------------------------------------
+    def on_compact(self, layer, slot, keep, before) -> None:
+        state = self._slots.get(slot)
+        if state is None or state.scores[layer] is None:
+            return
+        old = state.scores[layer]
+        new = old.new_zeros(old.shape[0], max(1, max(int(k.numel()) for k in keep)))
+        for h, idx in enumerate(keep):
+            new[h, : idx.numel()] = old[h, idx]
+        state.scores[layer] = new
+        state.n[layer] = [int(k.numel()) for k in keep]
+
+    def on_free(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+
+    def state_lengths(self, layer: int, slot: int) -> list[int] | None:
+        state = self._slots.get(slot)
+        return None if state is None or state.n[layer] is None else list(state.n[layer])
 
     # ---- eviction ----------------------------------------------------------------------------------
     def keep_indices(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -153,24 +195,26 @@ class D2O(Method):
         top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
         return torch.cat([top, torch.arange(n - rec, n)])
 
-    def _evict(self, st, slot: int, layer: int, state: _SlotState, budget: int) -> None:
-        n = int(st.lengths[slot].max())
-        if n <= budget:
+    def _evict(self, store, slot: int, layer: int, state: _SlotState, budget: int) -> None:
+        lens = list(store.lengths(layer, slot))
+        if max(lens) <= budget:
             return
         plans = []
-        for h in range(st.n_kv):
-            keep = self.keep_indices(state.scores[layer][h, :n], budget)
+        for h, n in enumerate(lens):
+            keep = self.keep_indices(state.scores[layer][h, :n], budget) if n > budget else torch.arange(n)
             gone = torch.ones(n, dtype=torch.bool)
             gone[keep] = False
-            plans.append((keep, gone.nonzero().flatten(), st.read(slot, h, torch.arange(n))))
+            plans.append((keep, gone.nonzero().flatten(), store.read(layer, slot, h)))
         # One threshold per layer (paper Eq. 10), from this eviction's head-mean max similarity.
-        sims = torch.stack([max_similarity(k[gone], k[keep]).mean() for keep, gone, (k, *_) in plans]).mean().item()
+        sims = [max_similarity(t.k[gone], t.k[keep]).mean() for keep, gone, t in plans if gone.numel()]
         tau = state.tau[layer]
-        state.tau[layer] = tau = sims if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sims
-        new_scores = []
-        for h, (keep, gone, (k, v, *rest)) in enumerate(plans):
-            k_new, v_new, _ = merge(k[keep], v[keep], k[gone], v[gone], tau)
-            st.write(slot, h, torch.arange(keep.numel()), [k_new, v_new] + [r[keep] for r in rest])
-            st.truncate(slot, h, keep.numel())
-            new_scores.append(state.scores[layer][h, keep])
-        state.scores[layer] = torch.stack(new_scores)
+        sim = torch.stack(sims).mean().item()
+        state.tau[layer] = tau = sim if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sim
+        merged = []
+        for keep, gone, t in plans:
+            k_new, v_new, _ = merge(t.k[keep], t.v[keep], t.k[gone], t.v[gone], tau)
+            merged.append(t.select(keep)._replace(k=k_new, v=v_new))
+        store.compact(layer, slot, [keep for keep, _, _ in plans])  # scores and other methods follow
+        for h, ((keep, gone, _), tokens) in enumerate(zip(plans, merged)):
+            if gone.numel():
+                store.write(layer, slot, h, torch.arange(keep.numel()), tokens)

@@ -83,11 +83,24 @@ def carried(scores: torch.Tensor, prev: torch.Tensor | None, carry: float) -> to
     return s if prev is None else s + carry * prev
 
 
+def chunk_rows(rows: torch.Tensor, starts: list[int], T: int, group: int) -> torch.Tensor:
+    """(H_q, w, L) rows over each KV head's storage -> (H_q, w, T) over the chunk's T tokens, which begin
+    at storage index starts[h] in KV head h (heads differ after a per-head method such as razor)."""
+    if len(set(starts)) == 1:
+        return rows[:, :, starts[0] : starts[0] + T]
+    out = rows.new_zeros(rows.shape[0], rows.shape[1], T)
+    for h, b in enumerate(starts):
+        seg = rows[h * group : (h + 1) * group, :, b : b + T]
+        out[h * group : (h + 1) * group, :, : seg.shape[-1]] = seg
+    return out
+
+
 @dataclass
 class _SlotState:
     recent: int = 0  # decode recent window r, from the last prefill chunk
-    pending: list[int] = field(default_factory=list)  # per layer: generated tokens not yet compressed
-    scores: list = field(default_factory=list)  # per layer: (H_kv, pending) accumulated attention
+    pending: list = field(default_factory=list)  # [layer][head]: generated tokens not yet compressed (the newest)
+    scores: list = field(default_factory=list)  # [layer][head]: (pending,) accumulated attention, or None
+    n: list = field(default_factory=list)  # [layer][head]: the store's length, followed through compactions
 
 
 @dataclass
@@ -127,12 +140,19 @@ class PyramidInfer(Method):
         self._acc = None  # (C,) scores carried from earlier layers for the context tokens still alive
         self._slots: dict[int, _SlotState] = {}
 
-    def bind(self, desc, lm=None, progress=None) -> None:
-        super().bind(desc, lm, progress)
+    def bind(self, desc, probe=None) -> None:
+        super().bind(desc, probe)
         L = desc.n_layers
         self._prefill_s = [cosine_schedule(l, L, self.decay) for l in range(L)]
         self._gen_keep = [max(int(self.gen_block * self.gen_compress * cosine_schedule(l, L, self.gen_decay)), 1)
                           for l in range(L)]
+
+    @classmethod
+    def keep_all(cls) -> "PyramidInfer":
+        return cls(decay=1.0, gen_compress=1.0, gen_decay=1.0)  # every layer keeps every token
+
+    def pinned(self) -> int:
+        return self.sink
 
     # ---- prefill -----------------------------------------------------------------------------------
     def prefill_rows(self, layer: int) -> int:
@@ -144,15 +164,17 @@ class PyramidInfer(Method):
             self._w = int(self.recent_ratio * T) + 1
             self._rows = self.obs_window or self._w
             self._acc = None
-            self._slots[ctx.slot] = _SlotState(recent=self._w - 1, pending=[0] * self.desc.n_layers,
-                                               scores=[None] * self.desc.n_layers)
+            L, H = self.desc.n_layers, self.desc.n_kv_heads
+            self._slots[ctx.slot] = _SlotState(recent=self._w - 1, pending=[[0] * H for _ in range(L)],
+                                               scores=[[None] * H for _ in range(L)], n=[None] * L)
         s = self._prefill_s[ctx.layer]
         C = T - min(self._w, T)  # context tokens of the chunk still in the residual stream
-        if ctx.rows is None or C <= 0:
+        own = ctx.last_rows(self.prefill_rows(ctx.layer))  # not rows another method asked for elsewhere
+        if own is None or C <= 0:
             return None
-        start = ctx.chunk_start[0]  # pyramid keeps every head alike, so all heads share one offset
-        scores = distance_scores(ctx.rows, self.distance_weight, self.pool, self.heads,
-                                 self.desc.n_kv_heads)[start : start + C]
+        G = self.desc.n_heads // self.desc.n_kv_heads
+        rows = chunk_rows(own, ctx.chunk_start, T, G)
+        scores = distance_scores(rows, self.distance_weight, self.pool, self.heads, self.desc.n_kv_heads)[:C]
         if self.carry > 0:
             scores = self._acc = carried(scores, self._acc, self.carry)
         k = max(int(C * s), self.min_context)
@@ -163,42 +185,81 @@ class PyramidInfer(Method):
             self._acc = self._acc[top]
         keep = torch.cat([top, torch.arange(C, T)])
         if ctx.store.owns(ctx.layer):
-            st = ctx.store.layers[ctx.layer]
-            st.compact(ctx.slot, [torch.cat([torch.arange(b), b + keep]) for b in ctx.chunk_start])
+            ctx.store.compact(ctx.layer, ctx.slot, [torch.cat([torch.arange(b), b + keep]) for b in ctx.chunk_start])
         return keep
+
+    def after_prefill(self, store, slot: int) -> None:
+        state = self._slots.get(slot)
+        if state is not None:
+            state.n = [list(store.lengths(l, slot)) if store.owns(l) else None for l in range(self.desc.n_layers)]
 
     # ---- decode ------------------------------------------------------------------------------------
     def decode_colsum(self, layer: int) -> bool:
         return self._gen_keep[layer] < self.gen_block
 
-    def after_decode_layer(self, layer: int, store, slots, colsum) -> None:
-        if colsum is None or not store.owns(layer):
-            return
-        st = store.layers[layer]
-        for b, slot in enumerate(slots.tolist() if torch.is_tensor(slots) else slots):
+    def on_append(self, layer: int, slots, n: int) -> None:
+        for slot in slots:
             state = self._slots.get(slot)
-            if state is None:
-                continue
-            state.pending[layer] += 1
-            n = state.pending[layer]
-            lens = st.lengths[slot].long()  # (H_kv,)
-            idx = (lens.view(-1, 1) - n + torch.arange(n).view(1, -1)).clamp(min=0)  # (H_kv, n)
-            received = colsum[b].gather(1, idx)
-            # Everything pending attended by this step's query; the new token starts at its own share.
-            old = state.scores[layer]
-            state.scores[layer] = received if old is None else torch.cat([old, received[:, -1:] * 0], 1) + received
-            if n >= state.recent + self.gen_block:
-                self._compress_block(st, slot, state, layer)
+            if state is None or not state.n or state.n[layer] is None:
+                continue  # prefill: prompt tokens are pruned at prefill, not pending
+            state.n[layer] = [k + n for k in state.n[layer]]
+            if self.decode_colsum(layer):  # new pending tokens, scored from 0
+                pend, scores = state.pending[layer], state.scores[layer]
+                for h in range(len(pend)):
+                    pend[h] += n
+                    scores[h] = torch.zeros(n) if scores[h] is None else F.pad(scores[h], (0, n))
 
-    def _compress_block(self, st, slot: int, state: _SlotState, layer: int) -> None:
-        """Keep the top `_gen_keep[layer]` of the oldest pending block in each head."""
-        E, n = self.gen_block, state.pending[layer]
-        k = self._gen_keep[layer]
+    def after_decode_layer(self, ctx) -> None:
+        layer = ctx.layer
+        if ctx.colsum is None or not self.decode_colsum(layer) or not ctx.store.owns(layer):
+            return
+        for b, slot in enumerate(ctx.slots):
+            state = self._slots.get(slot)
+            if state is None or state.n[layer] is None:
+                continue
+            pend, scores = state.pending[layer], state.scores[layer]
+            for h, n in enumerate(state.n[layer]):
+                if pend[h]:  # everything pending attended by this step's query
+                    scores[h] = scores[h] + ctx.colsum[b, h, n - pend[h] : n]
+            if max(pend) >= state.recent + self.gen_block:
+                self._compress_block(ctx.store, slot, state, layer)
+
+    def _compress_block(self, store, slot: int, state: _SlotState, layer: int) -> None:
+        """Keep the top `_gen_keep[layer]` of the oldest pending block in each head that has one."""
+        E, k = self.gen_block, self._gen_keep[layer]
+        pend, scores = state.pending[layer], state.scores[layer]
         keeps = []
-        for h, length in enumerate(st.lengths[slot].tolist()):
-            first = length - n  # storage index of the oldest pending token
-            top = torch.topk(state.scores[layer][h, :E], k).indices.sort().values
+        for h, length in enumerate(store.lengths(layer, slot)):
+            if pend[h] < state.recent + E:
+                keeps.append(torch.arange(length))
+                continue
+            first = length - pend[h]  # storage index of the oldest pending token
+            top = torch.topk(scores[h][:E], k).indices.sort().values
             keeps.append(torch.cat([torch.arange(first), first + top, torch.arange(first + E, length)]))
-        st.compact(slot, keeps)
-        state.pending[layer] = n - E
-        state.scores[layer] = state.scores[layer][:, E:]
+            pend[h] -= E  # the block is done: its survivors are no longer pending
+            scores[h] = scores[h][E:]
+        store.compact(layer, slot, keeps)
+
+    def on_compact(self, layer, slot, keep, before) -> None:
+        state = self._slots.get(slot)
+        if state is None or not state.n or state.n[layer] is None:
+            return
+        state.n[layer] = [int(k.numel()) for k in keep]
+        pend, scores = state.pending[layer], state.scores[layer]
+        for h, idx in enumerate(keep):
+            if pend[h] == 0:
+                continue
+            lo = before[h] - pend[h]  # pending tokens were the newest pend[h] of the head
+            sel = idx[idx >= lo] - lo
+            pend[h] = int(sel.numel())
+            scores[h] = scores[h][sel] if pend[h] else None
+
+    def on_free(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+
+    def state_lengths(self, layer: int, slot: int) -> list[int] | None:
+        state = self._slots.get(slot)
+        if state is None or not state.n or state.n[layer] is None:
+            return None
+        assert all((s.numel() if s is not None else 0) == p for s, p in zip(state.scores[layer], state.pending[layer]))
+        return list(state.n[layer])

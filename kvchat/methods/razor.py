@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvchat.cache.format import Tokens
 from kvchat.calibration.cache import cache_path, read_json, write_json
+from kvchat.calibration.razor import retrieval_heads, score_heads
 from kvchat.errors import KvchatError
 from kvchat.methods.base import Method
 
@@ -54,45 +56,50 @@ class RazorAttention(Method):
         self._int("calib_seed", lo=0)
         self._window: dict[int, int] = {}  # slot -> W
         self._count: dict[int, torch.Tensor] = {}  # slot -> (L, H_kv) tokens folded into the comp token
+        self._comp: dict[int, list[list[int]]] = {}  # slot -> [layer][head] storage index of the comp token, -1 none
 
     # ---- calibration -------------------------------------------------------------------------------
     def calib_params(self) -> dict:
         return {"tokens": self.calib_tokens, "repeats": self.calib_repeats, "seed": self.calib_seed, "version": 1}
 
-    def calibrate(self, lm, progress=None, force: bool = False):
-        """Scores of every KV head on `lm`, computed once and cached; -> the cache file."""
-        from kvchat.calibration.razor import score_heads  # runs the model with a collector Method: import late
-
-        path = cache_path(lm.desc.name, "razor", self.calib_params())
+    def calibrate(self, probe, force: bool = False):
+        """Scores of every KV head of the probe's model, computed once and cached; -> the cache file."""
+        path = cache_path(probe.model_name, "razor", self.calib_params())
         if force or read_json(path) is None:
-            if progress:
-                progress(f"razor: calibrating retrieval heads of {lm.desc.name} once (cached in {path})")
-            scores = score_heads(lm, self.calib_tokens, self.calib_repeats, self.calib_seed)
-            write_json(path, {"model": lm.desc.name, "params": self.calib_params(), **scores})
+            probe.progress(f"razor: calibrating retrieval heads of {probe.model_name} once (cached in {path})")
+            scores = score_heads(probe, self.calib_tokens, self.calib_repeats, self.calib_seed)
+            write_json(path, {"model": probe.model_name, "params": self.calib_params(), **scores})
         return path
 
-    def bind(self, desc, lm=None, progress=None) -> None:
-        super().bind(desc, lm, progress)
-        path = cache_path(desc.name, "razor", self.calib_params())
-        data = read_json(path)
+    def bind(self, desc, probe=None) -> None:
+        super().bind(desc, probe)
+        data = read_json(cache_path(desc.name, "razor", self.calib_params()))
         if data is None:
-            if lm is None:
+            if probe is None:
                 raise KvchatError(f"razor needs a calibration of {desc.name}; run `kvchat calibrate -p razor`")
-            data = read_json(self.calibrate(lm, progress))
-        from kvchat.calibration.razor import retrieval_heads
-
+            data = read_json(self.calibrate(probe))
         self.heads = retrieval_heads(data, self.echo_ratio, self.induction_ratio)
         self._retrieval = torch.zeros(desc.n_layers, desc.n_kv_heads, dtype=torch.bool)
         for layer, hs in enumerate(self.heads):
             self._retrieval[layer, hs] = True
+        self._folding = [not bool(self._retrieval[l].all()) for l in range(desc.n_layers)]
 
     def needs_bias(self) -> bool:
         return True
 
+    @classmethod
+    def keep_all(cls) -> "RazorAttention":
+        return cls(echo_ratio=1.0)  # every head is a retrieval head
+
+    def pinned(self) -> int:
+        return self.sink + 1  # the sinks and the compensation token stay full precision under a tail format
+
     # ---- eviction ----------------------------------------------------------------------------------
     def after_prefill_layer(self, ctx):
         if ctx.layer == 0 and not any(ctx.chunk_start):  # a new sequence in this slot: no comp tokens yet
-            self._count[ctx.slot] = torch.zeros(self.desc.n_layers, self.desc.n_kv_heads)
+            L, H = self.desc.n_layers, self.desc.n_kv_heads
+            self._count[ctx.slot] = torch.zeros(L, H)
+            self._comp[ctx.slot] = [[-1] * H for _ in range(L)]
         return None
 
     def after_prefill(self, store, slot: int) -> None:
@@ -103,45 +110,64 @@ class RazorAttention(Method):
         # A head folds once a block's worth has piled up past its window: one compaction per block.
         self._fold_all(store, slots, slack=store.block_size)
 
+    def on_compact(self, layer, slot, keep, before) -> None:
+        comps = self._comp.get(slot)
+        if comps is None:
+            return
+        for h, c in enumerate(comps[layer]):
+            if c >= 0:  # where the compensation token went, or gone (another policy evicted it)
+                hit = (keep[h] == c).nonzero()
+                comps[layer][h] = int(hit[0, 0]) if hit.numel() else -1
+                if not hit.numel():
+                    self._count[slot][layer, h] = 0
+
+    def on_free(self, slot: int) -> None:
+        for d in (self._window, self._count, self._comp):
+            d.pop(slot, None)
+
     def _fold_all(self, store, slots, slack: int) -> None:
-        for layer in range(self.desc.n_layers):
-            if not store.owns(layer) or bool(self._retrieval[layer].all()):
+        for layer in store.owned_layers():
+            if not self._folding[layer]:
                 continue
-            st = store.layers[layer]
             for slot in slots:
                 if slot not in self._window:
                     continue
                 limit = self.sink + 1 + self._window[slot] + slack
-                lens = st.lengths[slot]
-                if bool(((lens > limit) & ~self._retrieval[layer]).any()):
-                    self._fold(st, slot, layer)
+                lens = store.lengths(layer, slot)
+                if any(n > limit and not self._retrieval[layer, h] for h, n in enumerate(lens)):
+                    self._fold(store, slot, layer)
 
-    def _fold(self, st, slot: int, layer: int) -> None:
-        """Move each non-retrieval head's tokens older than the window into its compensation token."""
-        W, count = self._window[slot], self._count[slot][layer]
-        lens = st.lengths[slot].tolist()
-        keeps, comps = [], {}
+    def _fold(self, store, slot: int, layer: int) -> None:
+        """Move each non-retrieval head's tokens older than the window into its compensation token.
+        Storage order of a folded head: [sinks][compensation][window]."""
+        W, count, comps = self._window[slot], self._count[slot][layer], self._comp[slot][layer]
+        lens = list(store.lengths(layer, slot))
+        keeps, new = [], {}
         for h, n in enumerate(lens):
-            s0 = min(self.sink, n)
-            base = s0 + (1 if count[h] > 0 else 0)  # first token that is neither sink nor compensation
+            c = comps[h]
+            base = c + 1 if c >= 0 else min(self.sink, n)  # first token that is neither sink nor compensation
             drop = n - W - base
             if self._retrieval[layer, h] or drop <= 0:
                 keeps.append(torch.arange(n))
                 continue
-            comps[h] = self._compensation(st, slot, h, s0, base, drop, float(count[h]))
+            new[h] = self._compensation(store, layer, slot, h, c, base, drop, float(count[h]))
             count[h] += drop
-            keeps.append(torch.cat([torch.arange(s0 + 1), torch.arange(n - W, n)]))
-        st.compact(slot, keeps)
-        for h, values in comps.items():  # index s0 now holds the compensation token (or its placeholder)
-            st.write(slot, h, torch.tensor([min(self.sink, lens[h])]), values)
+            head = base if c >= 0 else base + 1  # the comp token, or the first dropped token as its placeholder
+            keeps.append(torch.cat([torch.arange(head), torch.arange(n - W, n)]))
+        store.compact(layer, slot, keeps)
+        for h, tokens in new.items():  # the compensation token sits right after the sinks
+            comps[h] = int(keeps[h].numel() - min(W, lens[h]) - 1)
+            store.write(layer, slot, h, torch.tensor([comps[h]]), tokens)
 
-    def _compensation(self, st, slot, h, s0, base, drop, n_old: float) -> list[torch.Tensor]:
-        """[k, v, pos, bias] of the compensation token after folding `drop` tokens from `base` on."""
-        k, v, pos, _ = st.read(slot, h, torch.arange(base, base + drop))
+    def _compensation(self, store, layer, slot, h, c, base, drop, n_old: float) -> Tokens:
+        """The compensation token after folding `drop` tokens from `base` on into the one at `c` (if any)."""
+        k, v, pos, _ = store.read(layer, slot, h, torch.arange(base, base + drop))
         k_sum, v_sum = k.float().sum(0), v.float().sum(0)
-        if n_old > 0:  # running mean: the old token stands for n_old dropped tokens
-            k_old, v_old, _, _ = st.read(slot, h, torch.tensor([s0]))
+        if c >= 0 and n_old > 0:  # running mean: the old token stands for n_old dropped tokens
+            k_old, v_old, _, _ = store.read(layer, slot, h, torch.tensor([c]))
             k_sum, v_sum = k_sum + n_old * k_old[0].float(), v_sum + n_old * v_old[0].float()
-        n = n_old + drop
+            n = n_old + drop
+        else:
+            n = float(drop)
         bias = torch.tensor([math.log(n)], dtype=torch.float32)
-        return [(k_sum / n).view(1, -1), (v_sum / n).view(1, -1), pos[-1:], bias]
+        return Tokens((k_sum / n).view(1, -1).to(k.dtype), (v_sum / n).view(1, -1).to(v.dtype), pos[-1:], bias)

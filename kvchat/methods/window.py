@@ -25,14 +25,18 @@ class Window(Method):
         self._int("sink", lo=0)
         self._int("recent", lo=1)
 
+    @classmethod
+    def keep_all(cls) -> "Window":
+        return cls(recent=10**9)
+
+    def pinned(self) -> int:
+        return self.sink
+
     def _evict(self, store, slots, slack: int) -> None:
         limit = self.sink + self.recent
-        for st in store.owned():
-            lens = st.lengths[slots]
-            if int(lens.max()) < limit + slack:
-                continue
+        for layer in store.owned_layers():
             for s in slots:
-                heads = st.lengths[s].tolist()
+                heads = store.lengths(layer, s)
                 if max(heads) < limit + slack:
                     continue
                 keep = [
@@ -40,7 +44,7 @@ class Window(Method):
                     if n > limit else torch.arange(n)
                     for n in heads
                 ]
-                st.compact(s, keep)
+                store.compact(layer, s, keep)
 
     def after_prefill(self, store, slot: int) -> None:
         self._evict(store, [slot], slack=1)

@@ -133,7 +133,7 @@ class Stats:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / max(time.perf_counter() - self.t0, 1e-9)
 
-    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool) -> dict:
+    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool, quality=None) -> dict:
         from kvchat.cache.usage import Usage
 
         peak, avg = engine.run_usage() if engine is not None else (Usage(0, 0, 0, 0),) * 2
@@ -148,6 +148,7 @@ class Stats:
             "kv": {"peak_bytes_held": peak.held, "peak_bytes_full": peak.full, "peak_saved": peak.saved,
                    "peak_overhead": peak.overhead, "avg_bytes_held": avg.held, "avg_bytes_full": avg.full,
                    "avg_saved": avg.saved, "avg_overhead": avg.overhead},
+            **({"quality": quality.summary()} if quality is not None else {}),
         }
         s["exit_code"] = exit_code(s)
         return s
@@ -171,14 +172,19 @@ def summary_text(s: dict) -> str:
     if s["skipped"]:
         head += f" ({s['skipped']:,} skipped: already in OUT"
         head += f", {s['skipped_errors']:,} of them error records)" if s["skipped_errors"] else ")"
-    return "\n".join([
+    lines = [
         head + (" [interrupted]" if s["interrupted"] else ""),
         f"tokens: {s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} generated in {s['wall_s']:.1f} s "
         f"({s['tokens_per_s']:.1f} tokens/s over the run); up to {s['max_concurrent']} decoding at once",
         f"KV ({s['profile']}): peak {human_bytes(kv['peak_bytes_held'])} held vs {human_bytes(kv['peak_bytes_full'])} full "
         f"({kv_share(kv['peak_saved'], kv['peak_overhead'])}); average {human_bytes(kv['avg_bytes_held'])} vs "
         f"{human_bytes(kv['avg_bytes_full'])} ({kv_share(kv['avg_saved'], kv['avg_overhead'])})",
-    ])
+    ]
+    q = s.get("quality")
+    if q:
+        lines.append(f"quality vs full over {q['compared']:,} answers: KL {q['kl_mean']:.4f} nats/token, top-1 agreement "
+                     f"{q['top1_agreement']:.1%}, {q['diverged']:,} diverged")
+    return "\n".join(lines)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ def _check_args(inp, out, resume, max_kv_bytes) -> int | None:
     return cap
 
 
-def prepare(jobs: list[Job], lm, opts: dict):
+def prepare(jobs: list[Job], lm, opts: dict, logprobs: int = 0):
     """Encode every runnable job; one whose template or options fail gets its error instead."""
     from kvchat.engine import Request
 
@@ -253,7 +259,8 @@ def prepare(jobs: list[Job], lm, opts: dict):
             budget = (templating.left_budget(lm.desc.max_positions, params.max_new_tokens)
                       if opts.get("truncate") == "left" else None)
             try:
-                reqs.append(Request(str(pos), encode_job(lm.tokenizer, job, opts.get("system"), budget), params))
+                reqs.append(Request(str(pos), encode_job(lm.tokenizer, job, opts.get("system"), budget), params,
+                                    logprobs=logprobs))
             except LineError as e:
                 job.error = str(e)
     return reqs
@@ -261,10 +268,11 @@ def prepare(jobs: list[Job], lm, opts: dict):
 
 def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool = False,
               summary_path: str | None = None, max_kv_bytes: str | None = None, progress: bool | None = None,
-              loaded=None) -> dict:
+              loaded=None, compare_full: bool = False) -> dict:
     """Run every line of IN; write OUT; print the summary on stderr and return it.
 
-    `loaded` = (profile, lm) skips loading (tests, benchmarks)."""
+    `loaded` = (profile, lm) skips loading (tests, benchmarks). `compare_full` scores every answer with
+    the full cache (kvchat/quality/compare.py) and adds a "quality" object to its line."""
     cap = _check_args(inp, out, resume, max_kv_bytes)
     jobs = parse_lines(_read_lines(inp))
     done = _read_done(out, resume, jobs)
@@ -284,11 +292,14 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     profile, lm = loaded
     from kvchat.engine import Engine
 
-    reqs = prepare(todo, lm, opts)
+    from kvchat.quality.compare import TOPK, Averages
+
+    reqs = prepare(todo, lm, opts, logprobs=TOPK if compare_full else 0)
     if cap is not None:
         _warn_cap(reqs, todo, lm.desc.kv_bytes_per_token, cap)
     engine = Engine(lm, profile, max_slots=batch_size)
     stats = Stats(len(todo), skipped=len(jobs) - len(todo), skipped_errors=skipped_errors)
+    quality = Averages() if compare_full else None
     if progress is None:
         progress = sys.stderr.isatty()
     f, close = _open_out(out, resume, done)
@@ -296,7 +307,7 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     try:
         with Interrupts() as guard:
             try:
-                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress)
+                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress, quality)
             except KeyboardInterrupt:
                 interrupted = True
             except BrokenPipeError:  # the reader of `-` went away (`| head`): stop quietly, as cat does
@@ -305,7 +316,7 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     finally:
         if close:
             f.close()
-    summary = stats.summary(engine, opts, batch_size, cap, interrupted)
+    summary = stats.summary(engine, opts, batch_size, cap, interrupted, quality)
     click.echo(summary_text(summary), err=True)
     if summary_path:
         write_json_atomic(summary_path, summary)
@@ -316,7 +327,21 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     return summary
 
 
-def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool) -> None:
+def _quality(ref, req, res, averages) -> dict:
+    """The answer scored by the full cache; the prompt is what the engine ran (its end, if truncated)."""
+    from kvchat.errors import KvchatError
+    from kvchat.quality.compare import compare_answer, public
+
+    try:
+        q = compare_answer(ref, req.prompt_ids[len(req.prompt_ids) - res.prompt_tokens:], res.logprobs)
+    except KvchatError as e:
+        return {"error": str(e)}
+    averages.add(q)
+    return public(q)
+
+
+def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool,
+              quality=None) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -336,8 +361,13 @@ def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats
         for pos, job in enumerate(todo):
             if job.error is not None:
                 finish(pos, job.error_record())
+        by_id = {r.id: r for r in reqs}
+        ref = engine.reference() if quality is not None else None
         for res in engine.run(reqs, max_kv_bytes=cap, on_error=on_error):
             pos = int(res.id)
-            finish(pos, result_record(todo[pos], res), res)
+            rec = result_record(todo[pos], res)
+            if ref is not None:
+                rec["quality"] = _quality(ref, by_id[res.id], res, quality)
+            finish(pos, rec, res)
     finally:
         bar.close()

@@ -36,7 +36,8 @@ with a line holding only \"\"\". Ctrl-C stops an answer; Ctrl-D or /exit leaves.
   /save FILE             save the transcript as JSON
   /load FILE             load a transcript saved with /save (continues it)
   /undo                  drop the last exchange
-  /retry                 answer the last message again"""
+  /retry                 answer the last message again
+  /compare               score the last answer with the full cache: KL, top-1 agreement, first divergence"""
 
 
 @dataclass
@@ -165,6 +166,24 @@ def profile(session, arg: str) -> Reply:
     return Reply(f"profile {new.name}: {new.describe()}{kept}")
 
 
+def compare(session) -> Reply:
+    """The last answer teacher-forced through the full cache (kvchat/quality/compare.py)."""
+    from kvchat.quality.compare import compare_answer, describe
+
+    if not session.turns:
+        return Reply("nothing to compare yet: ask something first")
+    turn = session.turns[-1]
+    rec = turn.result.logprobs
+    if rec is None:
+        return Reply("/compare: the last answer was not recorded (answers are recorded while /compare is available: "
+                     "in the REPL)")
+    try:
+        q = compare_answer(session.engine.reference(), turn.context_ids, rec)
+    except KvchatError as e:
+        return Reply(f"/compare: {e}")
+    return Reply(describe(q, session.lm.tokenizer, rec))
+
+
 def undo(session) -> Reply:
     if len(session.messages) < 2:
         return Reply("nothing to undo")
@@ -202,6 +221,8 @@ def handle(session, line: str) -> Reply:
         return save(session, arg) if cmd == "/save" else load(session, arg)
     if cmd == "/undo":
         return undo(session)
+    if cmd == "/compare":
+        return compare(session)
     if cmd == "/retry":
         if len(session.messages) < 2:
             return Reply("nothing to retry")
@@ -209,4 +230,4 @@ def handle(session, line: str) -> Reply:
         undo(session)
         return Reply(ask=text)
     return Reply(f"unknown command {cmd!r}; commands: /help /exit /reset /profile /profiles /system /set /stats "
-                 "/save /load /undo /retry")
+                 "/save /load /undo /retry /compare")

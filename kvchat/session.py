@@ -28,6 +28,7 @@ class Turn:
     prefill_tokens: int  # tokens fed to the model for this turn's prompt (the delta, not the transcript)
     reused: bool  # the store from earlier turns was kept
     notice: str | None = None  # what was done to stay within the model's positions, if anything
+    context_ids: list[int] = field(default_factory=list)  # every token before the answer (for /compare)
 
 
 @dataclass
@@ -37,12 +38,14 @@ class Session:
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     truncate: str | None = None
+    logprobs: int = 0  # record each answer's top-k log-probabilities (the REPL's /compare)
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
     def __post_init__(self):
         self.engine = Engine(self.lm, self.profile, max_slots=1)
         self._fed_text = ""  # rendered text of every token in the store, in order
+        self._fed_ids: list[int] = []  # and the tokens themselves
         self._pos = 0
 
     # ---- conversation state ------------------------------------------------------------------------
@@ -61,7 +64,7 @@ class Session:
 
     def _drop_store(self) -> None:
         self.engine.clear(0)
-        self._fed_text, self._pos = "", 0
+        self._fed_text, self._fed_ids, self._pos = "", [], 0
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The whole transcript `messages` as prompt ids (what a fresh store would prefill)."""
@@ -86,7 +89,7 @@ class Session:
         notice = None
         if reused and self._pos + len(ids) + self._answer_room() > self.lm.desc.max_positions:
             ids, messages, full, reused, notice = self._make_room(messages, full, ids)
-        req = Request(str(len(self.turns)), ids, self.params)
+        req = Request(str(len(self.turns)), ids, self.params, self.logprobs)
         try:
             seq = self.engine.start(req, on_token, slot=0, pos=self._pos, should_stop=should_stop,
                                     on_progress=on_progress)
@@ -94,6 +97,7 @@ class Session:
             if not e.whole:  # earlier chunks of this prompt are in the store: read the transcript again next time
                 self._drop_store()
             raise
+        context = self._fed_ids + seq.req.prompt_ids
         while not seq.finish:
             if should_stop is not None and should_stop():
                 seq.finish = "interrupted"
@@ -102,9 +106,11 @@ class Session:
         fed = seq.out[: seq.n_fed]  # the last sampled token (or the EOS) is not in the store yet
         self._pos = seq.pos
         self._fed_text = full.text + tok.decode(fed, skip_special_tokens=False)
+        self._fed_ids = context + fed
         result = self.engine.result(seq)
         self.messages = messages + [{"role": "assistant", "content": result.text}]
-        turn = Turn(text, result, prefill_tokens=len(seq.req.prompt_ids), reused=reused, notice=notice)
+        turn = Turn(text, result, prefill_tokens=len(seq.req.prompt_ids), reused=reused, notice=notice,
+                    context_ids=context)
         self.turns.append(turn)
         return turn
 

@@ -19,7 +19,8 @@ from kvchat.engine.forward import PrefillStopped, Runner
 from kvchat.engine.layout import build_formats, resolve_aliases
 from kvchat.engine.probe import Probe
 from kvchat.engine.forcing import Forcing
-from kvchat.engine.sampling import SamplingParams, find_stop, sample
+from kvchat.engine.detok import Detokenizer, StopMatcher
+from kvchat.engine.sampling import SamplingParams, sample
 from kvchat.engine.seq import Request, Result, Seq, logprobs_of
 from kvchat.errors import PromptTooLong
 from kvchat.profiles import Profile, fresh
@@ -161,8 +162,10 @@ class Engine(Forcing):
             self._emit(seq, on_token, final=True)
             return
         seq.out.append(tok)
-        seq.text = self.tok.decode(seq.out, skip_special_tokens=True)
-        cut = find_stop(seq.text, p.stop)
+        if seq.detok is None:
+            seq.detok, seq.stops = Detokenizer(self.tok), StopMatcher(p.stop)
+        seq.text = seq.detok.add(tok)
+        cut = seq.stops.find(seq.text, stable=len(seq.detok.committed))
         if cut >= 0:
             seq.text, seq.finish = seq.text[:cut], "stop"
         elif len(seq.out) >= p.max_new_tokens or seq.pos + 1 >= self.max_ctx:

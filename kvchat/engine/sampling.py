@@ -42,9 +42,3 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def find_stop(text: str, stops) -> int:
-    """Index where the earliest stop string starts in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1

@@ -61,6 +61,8 @@ class Seq:
     t0: float = 0.0
     t_prefill: float = 0.0
     prefilled: int = 0
+    detok: object = None  # Detokenizer of `out` (set by Engine.start)
+    stops: object = None  # StopMatcher over its text
     trace: list | None = None  # (token, top-k values, top-k indices) per sampled token, when recording
 
 

@@ -20,6 +20,8 @@ from kvchat.errors import ProfileError
 from kvchat.methods import REGISTRY, Method
 from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
+from kvchat.methods.kivi import Kivi
+from kvchat.methods.kvquant import KVQuant
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
@@ -35,7 +37,8 @@ COMPRESSING = {
                                     calib_tokens=16, calib_repeats=2),
     "d2o": lambda: D2O(ratio=0.3, min_budget=24, obs_window=8),
 }
-FORMATS = {"half": lambda: Half(residual=8, group=8)}
+FORMATS = {"half": lambda: Half(residual=8, group=8), "kivi": lambda: Kivi(bits=4, group=8, residual=8),
+           "kvquant": lambda: KVQuant(bits=4, group=8, block=8)}
 
 
 def by_role(role: str) -> list[str]:

@@ -8,12 +8,14 @@ Per (slot, kv head) the storage order is [pinned][sealed][recent]:
   keeps any subset of a group: the kept rows move to the front of their block and the group's count
   drops, so nothing is ever re-encoded (a group's scales stay valid for the tokens left in it);
 - recent: the newest tokens in the model's dtype. Once `residual` + `group` of them sit past the pinned
-  ones, the oldest `group` are sealed (after the step's policies ran: `seal`).
+  ones, the oldest are sealed a group at a time (after the step's policies ran: `seal`), so the tail
+  holds `residual` to `residual + group - 1` of them. A token-wise format (its encoding is per token,
+  no group rows) seals all but `residual`, topping up its newest group first.
 The pinned and recent tokens live in a dense `tail` (DenseFormat, with the bias pool when a method asks).
+`group_tables()` mirrors the groups and counts on the device for kernels.
 
-Attention is the tail's part and the sealed part, each an exact partial softmax, merged by log-sum-exp;
-the sealed part decodes `chunk_groups` groups at a time inside the loop, never a whole layer at once.
-Statistics (prefill rows, decode column sums) come back in storage order like every format's.
+Attention (sealed_attention.py) is the tail's part and the sealed part, each an exact partial softmax,
+merged by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ import math
 
 import torch
 
-from kvchat_kernels.prefill_attention import visible_limits
-from kvchat.cache.attention import Part, causal_attention, merge, partial
 from kvchat.cache.dense import DenseFormat
 from kvchat.cache.format import Format, Tokens
+from kvchat.cache.sealed_attention import SealedAttention
 
 
-class SealedFormat(Format):
+class SealedFormat(SealedAttention, Format):
     name = "sealed"
     chunk_groups = 16  # groups decoded per step of the attention loop
+    token_wise = False  # encode() is per token (no group rows): seal fills the newest group's free rows
 
     def __init__(self, n_slots, n_kv, head_dim, block_size, dtype, device, with_bias=False, *, group: int,
                  residual: int, pinned: int = 0):
@@ -47,6 +49,7 @@ class SealedFormat(Format):
         self.n_pin = [[0] * n_kv for _ in range(n_slots)]
         self.host = [[0] * n_kv for _ in range(n_slots)]
         self.slot_groups = [0] * n_slots
+        self._tables = None  # device copies of groups / counts / n_pin for kernels, rebuilt after a change
 
     # ---- what a subclass defines -------------------------------------------------------------------
     def token_specs(self) -> dict:
@@ -59,7 +62,8 @@ class SealedFormat(Format):
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, count: torch.Tensor) -> tuple[dict, dict]:
         """k, v (N, group, D) in the model's dtype (keys after RoPE), pos (N, group) int32, count (N,)
-        tokens held per group (rows past it are padding: leave them out of any statistic)
+        tokens held per group (rows past it are padding: leave them out of any statistic; a token-wise
+        format may also get padding rows before new ones, it encodes each row on its own)
         -> (token rows {name: (N, group, ...)}, group rows {name: (N, ...)})."""
         raise NotImplementedError
 
@@ -96,6 +100,19 @@ class SealedFormat(Format):
     def n_sealed(self, slot: int, head: int) -> int:
         return sum(self.counts[slot][head])
 
+    def group_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the device: group ids and counts (n_slots, n_kv, MG) int32 in storage order (0 past a
+        head's groups), groups (n_slots, n_kv) and pinned tail tokens (n_slots, n_kv) int32."""
+        if self._tables is None:
+            mg = max(1, max(len(g) for row in self.groups for g in row))
+            pad = lambda rows: [[r + [0] * (mg - len(r)) for r in hs] for hs in rows]  # noqa: E731
+            table = torch.tensor(pad(self.groups), dtype=torch.int32)
+            counts = torch.tensor(pad(self.counts), dtype=torch.int32)
+            n = torch.tensor([[len(g) for g in hs] for hs in self.groups], dtype=torch.int32)
+            npin = torch.tensor(self.n_pin, dtype=torch.int32)
+            self._tables = tuple(t.to(self.device) for t in (table, counts, n, npin))
+        return self._tables
+
     # ---- writes ------------------------------------------------------------------------------------
     def append_chunk(self, slot, k_pre, k, v, pos) -> None:
         self.tail.append_chunk(slot, k_pre, k, v, pos)
@@ -116,28 +133,42 @@ class SealedFormat(Format):
                 if not self.groups[slot][h]:
                     self.n_pin[slot][h] = min(self.pin, n_tail)
                 start = self.n_pin[slot][h]
-                n = (n_tail - start - self.residual) // G
-                if n <= 0:
+                avail = n_tail - start - self.residual
+                if avail < G:
                     continue
-                idx = torch.arange(start, start + n * G, device=self.device)
-                t = self.tail.read(slot, h, idx)
-                if t.bias is not None and bool((t.bias != 0).any()):
-                    raise ValueError("a token with a logit bias reached a sealed group; pin it (Method.pinned)")
-                tok, grp = self.encode(t.k.view(n, G, -1), t.v.view(n, G, -1), t.pos.view(n, G),
-                                       torch.full((n,), G, device=self.device))
-                ids = self._alloc(n)
-                ix = torch.tensor(ids, device=self.device)
-                for name, rows in tok.items():
-                    self.tok[name][ix] = rows.to(self.tok[name].dtype)
-                self.tok["pos"][ix] = t.pos.view(n, G).to(torch.int32)
-                for name, rows in grp.items():
-                    self.grp[name][ix] = rows.to(self.grp[name].dtype)
-                self.groups[slot][h].extend(ids)
-                self.counts[slot][h].extend([G] * n)
-                self.slot_groups[slot] += n
-                keep = torch.cat([torch.arange(start), torch.arange(start + n * G, n_tail)])
-                self.tail.compact(slot, [keep if hh == h else torch.arange(self.tail.host[slot][hh])
-                                         for hh in range(self.n_kv)])
+                self._seal_rows(slot, h, start, avail if self.token_wise else avail // G * G)
+
+    def _seal_rows(self, slot: int, h: int, start: int, m: int) -> None:
+        """Seal tail tokens [start, start + m) of (slot, h): whole groups, or for a token-wise format the
+        newest group's free rows first and a partial group last (nothing waits in the tail)."""
+        G = self.group
+        groups, counts = self.groups[slot][h], self.counts[slot][h]
+        c = counts[-1] if self.token_wise and groups and counts[-1] < G else 0
+        n_touch = -(-(c + m) // G)
+        ids = ([groups[-1]] if c else []) + self._alloc(n_touch - (1 if c else 0))
+        t = self.tail.read(slot, h, torch.arange(start, start + m, device=self.device))
+        if t.bias is not None and bool((t.bias != 0).any()):
+            raise ValueError("a token with a logit bias reached a sealed group; pin it (Method.pinned)")
+        at = c + torch.arange(m, device=self.device)  # row in the touched groups, laid end to end
+        pad = lambda x: x.new_zeros(n_touch * G, *x.shape[1:]).index_copy_(0, at, x).view(n_touch, G, *x.shape[1:])  # noqa: E731
+        fill = [min(G, c + m - i * G) for i in range(n_touch)]
+        tok, grp = self.encode(pad(t.k), pad(t.v), pad(t.pos), torch.tensor(fill, device=self.device))
+        ix = torch.tensor(ids, device=self.device)
+        blocks, offs = ix[at // G], at % G
+        for name, rows in tok.items():
+            self.tok[name][blocks, offs] = rows.reshape(n_touch * G, *rows.shape[2:])[at].to(self.tok[name].dtype)
+        self.tok["pos"][blocks, offs] = t.pos.to(torch.int32)
+        for name, rows in grp.items():  # group rows: whole groups only (c == 0)
+            self.grp[name][ix] = rows.to(self.grp[name].dtype)
+        if c:
+            counts[-1] = fill[0]
+        groups.extend(ids[1 if c else 0 :])
+        counts.extend(fill[1 if c else 0 :])
+        self.slot_groups[slot] += n_touch - (1 if c else 0)
+        self._tables = None
+        n_tail = self.tail.host[slot][h]
+        keep = torch.cat([torch.arange(start), torch.arange(start + m, n_tail)])
+        self.tail.compact(slot, [keep if hh == h else torch.arange(self.tail.host[slot][hh]) for hh in range(self.n_kv)])
 
     # ---- tokens in storage order -------------------------------------------------------------------
     def _split(self, slot: int, head: int, idx: torch.Tensor):
@@ -217,6 +248,7 @@ class SealedFormat(Format):
             self._compact_sealed(slot, h, idx[(idx >= npin) & (idx < npin + ns)] - npin)
         self.tail.compact(slot, tail_keep)
         self._sync(slot)
+        self._tables = None
 
     def _compact_sealed(self, slot: int, head: int, kept: torch.Tensor) -> None:
         """Keep sealed tokens `kept` (indices into the head's sealed tokens): per group, move the kept rows
@@ -245,145 +277,10 @@ class SealedFormat(Format):
         self.slot_groups[slot] = 0
         self.tail.free_slot(slot)
         self._sync(slot)
+        self._tables = None
 
     def trim(self) -> None:
         self.tail.trim()
-
-    # ---- attention ---------------------------------------------------------------------------------
-    def _layout(self, slot: int, head: int):
-        """Storage indices of (tail tokens, sealed tokens in group order) for statistics."""
-        npin, ns, nt = self.n_pin[slot][head], self.n_sealed(slot, head), self.tail.host[slot][head]
-        tail = torch.cat([torch.arange(npin), torch.arange(npin + ns, nt + ns)])
-        return tail, npin
-
-    def _sealed_parts(self, qg: torch.Tensor, slots: list[int], scale: float, visible=None):
-        """Partial attention over each (slot, head)'s sealed groups, `chunk_groups` at a time.
-
-        qg (B, H_kv, R, D) queries of each slot (R = G x queries); -> Part over (B, H_kv, R), and the
-        per-chunk scores (for statistics) as a list of (scores (B, H_kv, R, C*group), valid mask)."""
-        B, H, R, D = qg.shape
-        G = self.group
-        n_max = max((len(self.groups[s][h]) for s in slots for h in range(H)), default=0)
-        part, chunks = None, []
-        for c0 in range(0, n_max, self.chunk_groups):
-            C = min(self.chunk_groups, n_max - c0)
-            ids = torch.zeros(B, H, C, dtype=torch.long)
-            cnt = torch.zeros(B, H, C, dtype=torch.long)
-            for b, s in enumerate(slots):
-                for h in range(H):
-                    g = self.groups[s][h][c0 : c0 + C]
-                    ids[b, h, : len(g)] = torch.tensor(g, dtype=torch.long)
-                    cnt[b, h, : len(g)] = torch.tensor(self.counts[s][h][c0 : c0 + C], dtype=torch.long)
-            k, v, _ = self._decoded(ids.flatten())
-            k = k.view(B, H, C * G, D).to(qg.dtype)
-            v = v.view(B, H, C * G, D).to(qg.dtype)
-            valid = (torch.arange(G).view(1, 1, 1, G) < cnt.unsqueeze(-1)).view(B, H, 1, C * G).to(self.device)
-            scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, H, R, C*G)
-            scores = scores.masked_fill(~valid, float("-inf"))
-            p = partial(scores, v)
-            part = p if part is None else Part(*merge_parts(part, p))
-            chunks.append((scores, valid))
-        return part, chunks
-
-    def attend_decode(self, q, slots_t, scale, colsum=False):
-        slots = slots_t.tolist()
-        B, Hq, D = q.shape
-        H = self.n_kv
-        G = Hq // H
-        qg = q.view(B, H, G, D)
-        tl = self.tail
-        bt = tl.pages.table[slots_t]
-        n_blocks = max(1, -(-max(max(tl.host[s]) for s in slots) // self.block_size))
-        bt = bt[:, :, :n_blocks].reshape(-1).long()
-        kt = tl.k.index_select(0, bt).view(B, H, -1, D).to(q.dtype)
-        vt = tl.v.index_select(0, bt).view(B, H, -1, D).to(q.dtype)
-        Tt = kt.shape[2]
-        s_tail = torch.matmul(qg, kt.transpose(-1, -2)).float() * scale  # (B, H, G, Tt)
-        if tl.bias is not None:
-            s_tail = s_tail + tl.bias.index_select(0, bt).view(B, H, 1, Tt).float()
-        lens = tl.pages.lengths[slots_t].view(B, H, 1, 1)
-        s_tail = s_tail.masked_fill(torch.arange(Tt, device=q.device).view(1, 1, 1, Tt) >= lens, float("-inf"))
-        parts = [partial(s_tail, vt)]
-        sealed, chunks = self._sealed_parts(qg, slots, scale)
-        if sealed is not None:
-            parts.append(sealed)
-        out, lse = merge(parts)
-        out = out.to(q.dtype).view(B, Hq, D)
-        if not colsum:
-            return out, None
-        T = max(max(self.host[s]) for s in slots)
-        col = torch.zeros(B, H, max(T, 1), device=q.device)
-        for b, s in enumerate(slots):
-            for h in range(H):
-                tail_at, npin = self._layout(s, h)
-                nt = tail_at.numel()
-                col[b, h, tail_at] = torch.exp(s_tail[b, h, :, :nt] - lse[b, h].unsqueeze(-1)).sum(0)
-                at, off = npin, 0
-                for scores, valid in chunks:
-                    pr = torch.exp(scores[b, h] - lse[b, h].unsqueeze(-1)).sum(0)[valid[b, h, 0]]
-                    col[b, h, at : at + pr.numel()] = pr
-                    at += pr.numel()
-        return out, col
-
-    def attend_prefill(self, q, slot, q_pos, scale, last_w, fresh=None):
-        """The chunk is in the tail (nothing is sealed during a chunk), sealed tokens are older than every
-        query: the sealed part is visible to all, the tail part causal by position."""
-        T, Hq, D = q.shape
-        H = self.n_kv
-        G = Hq // H
-        tl = self.tail
-        if fresh is not None and not any(self.groups[slot]) and all(n == T for n in tl.host[slot]):
-            return causal_attention(q, *fresh, scale, last_w)  # a first chunk: nothing else is stored
-        pos_t, lens_t = tl.stored_positions(slot)
-
-        limits = visible_limits(pos_t, lens_t, q_pos)  # (H, T)
-        n_blocks = max(1, -(-max(tl.host[slot]) // self.block_size))
-        bt = tl.pages.table[slot, :, :n_blocks].reshape(-1).long()
-        kt = tl.k.index_select(0, bt).view(H, -1, D).to(q.dtype)
-        vt = tl.v.index_select(0, bt).view(H, -1, D).to(q.dtype)
-        bias = tl.bias.index_select(0, bt).view(H, 1, -1).float() if tl.bias is not None else None
-        Lt = kt.shape[1]
-        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
-        w = min(last_w, T) if last_w > 0 else 0
-        rows = None
-        if w:
-            L = max(max(self.host[slot]), 1)
-            rows = torch.zeros(Hq, w, L, device=q.device)
-        tile = 256
-        for i0 in range(0, T, tile):
-            i1 = min(T, i0 + tile)
-            qg = q[i0:i1].permute(1, 0, 2).reshape(H, G, i1 - i0, D).reshape(H, G * (i1 - i0), D)
-            s_tail = torch.matmul(qg, kt.transpose(-1, -2)).float().view(H, G, i1 - i0, Lt) * scale
-            if bias is not None:
-                s_tail = s_tail + bias.view(H, 1, 1, Lt)
-            vis = torch.arange(Lt, device=q.device).view(1, 1, Lt) < limits[:, i0:i1].unsqueeze(-1)
-            s_tail = s_tail.masked_fill(~vis.unsqueeze(1), float("-inf")).view(H, G * (i1 - i0), Lt)
-            parts = [partial(s_tail, vt)]
-            sealed, chunks = self._sealed_parts(qg.unsqueeze(0), [slot], scale)
-            if sealed is not None:
-                parts.append(Part(sealed.m[0], sealed.l[0], sealed.acc[0]))
-            o, lse = merge(parts)  # (H, G*n, D), (H, G*n)
-            out[i0:i1] = o.view(H, G, i1 - i0, D).permute(2, 0, 1, 3).reshape(i1 - i0, Hq, D).to(q.dtype)
-            if w and i1 > T - w:
-                self._prefill_rows(rows, slot, s_tail, chunks, lse, i0, i1, T, w, G)
-        return out, rows
-
-    def _prefill_rows(self, rows, slot, s_tail, chunks, lse, i0, i1, T, w, G):
-        """Scatter the probabilities of the last w queries that fall in tile [i0, i1) to storage order."""
-        H, n = self.n_kv, i1 - i0
-        lo = max(i0, T - w)
-        for h in range(H):
-            tail_at, npin = self._layout(slot, h)
-            nt = tail_at.numel()
-            sel = torch.arange(lo - i0, n)  # tile rows that are among the last w
-            lh = lse[h].view(G, n)[:, sel]  # (G, r)
-            st = s_tail[h].view(G, n, -1)[:, sel, :nt]
-            rows[h * G : (h + 1) * G, lo - (T - w) :, tail_at] = torch.exp(st - lh.unsqueeze(-1))
-            at = npin
-            for scores, valid in chunks:
-                sc = scores[0, h].view(G, n, -1)[:, sel][:, :, valid[0, h, 0]]
-                rows[h * G : (h + 1) * G, lo - (T - w) :, at : at + sc.shape[-1]] = torch.exp(sc - lh.unsqueeze(-1))
-                at += sc.shape[-1]
 
     # ---- bytes -------------------------------------------------------------------------------------
     def meta_bytes(self) -> int:
@@ -403,13 +300,6 @@ class SealedFormat(Format):
     def storage_bytes(self) -> int:
         """The storage behind what the tables reference, measured on the tensors (tests)."""
         used = {b for s in range(self.n_slots) for h in range(self.n_kv) for b in self.groups[s][h]}
-        per = sum(t[0].nbytes for t in self.tok.values()) + sum(t[0].nbytes for t in self.grp.values())
+        pools = [*self.tok.values(), *self.grp.values()]
+        per = sum(t[0].nbytes for t in pools) if self.capacity else 0  # nothing sealed yet: no rows to measure
         return self.tail.storage_bytes() + len(used) * per + 8 * len(used)
-
-
-def merge_parts(a: Part, b: Part) -> Part:
-    """Two partial softmaxes of the same queries -> one (unnormalized, like its inputs)."""
-    m = torch.maximum(a.m, b.m)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(a.m - m_safe), torch.exp(b.m - m_safe)
-    return Part(m, a.l * wa + b.l * wb, a.acc * wa.unsqueeze(-1) + b.acc * wb.unsqueeze(-1))

@@ -3,6 +3,8 @@
 from kvchat.methods.base import Method, PrefillCtx
 from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
+from kvchat.methods.kivi import Kivi
+from kvchat.methods.kvquant import KVQuant
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
@@ -13,6 +15,8 @@ REGISTRY: dict[str, type[Method]] = {
     RazorAttention.name: RazorAttention,
     D2O.name: D2O,
     Half.name: Half,
+    Kivi.name: Kivi,
+    KVQuant.name: KVQuant,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

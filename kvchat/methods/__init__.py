@@ -3,6 +3,7 @@
 from kvchat.methods.base import Method, PrefillCtx
 from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
+from kvchat.methods.kvsharer import KVSharer
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[Method]] = {
     RazorAttention.name: RazorAttention,
     D2O.name: D2O,
     Half.name: Half,
+    KVSharer.name: KVSharer,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

@@ -80,7 +80,7 @@ def stats_text(session) -> str:
         f"({saved_pct(held, full)} saved), peak {human_bytes(st.slot_peak_held[0])} held",
         "tokens kept per layer (per KV head where heads differ):",
     ]
-    return "\n".join(lines + layer_chart(st.tokens_kept(0), st.seen[0]))
+    return "\n".join(lines + layer_chart(st.tokens_kept(0), st.seen[0], aliases=session.engine.aliases))
 
 
 def save(session, path: str) -> Reply:

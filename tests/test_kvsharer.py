@@ -81,6 +81,18 @@ def test_the_greedy_search_of_the_paper():
     assert search(ScriptedProbe(5, cos=lambda s: 0.2), [[0] * 6], 2, 0.5)["map"] == {}  # nothing passes
 
 
+def test_a_hopeless_candidate_stops_early():
+    from kvchat.calibration.kvsharer import similarity
+
+    probe = ScriptedProbe(5, cos=lambda s: 0.2)
+    windows = [[i] * 4 for i in range(4)]
+    ref = [torch.tensor([[1.0, 0, 0]] * 4)] * 4
+    # after 3 windows the mean is at most (3 x 0.2 + 1) / 4 = 0.4 <= 0.5: the 4th is never run
+    assert similarity(probe, windows, ref, {4: 0}, threshold=0.5) == (pytest.approx(0.4), False)
+    assert len(probe.runs) == 3
+    assert similarity(probe, windows, ref, {4: 0}, threshold=0.3) == (pytest.approx(0.2), True)
+
+
 def test_chains_are_resolved_like_the_notebook():
     # (4,3) first, then 3 itself shares with 1: 4 follows it to layer 1 (the notebook's re_map).
     probe = ScriptedProbe(5, cos=lambda s: 0.9)

@@ -79,13 +79,19 @@ def ranked_pairs(dist: torch.Tensor) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: (-float(dist[p]), p))
 
 
-def similarity(probe, windows, reference: list[torch.Tensor], share: dict[int, int]) -> float:
-    """Mean over windows of cos(final hidden states under `share`, the reference's), each flattened."""
-    sims = []
-    for ids, ref in zip(windows, reference):
+def similarity(probe, windows, reference: list[torch.Tensor], share: dict[int, int],
+               threshold: float = -1.0) -> tuple[float, bool]:
+    """Mean over windows of cos(final hidden states under `share`, the reference's), each flattened.
+    -> (mean, complete). Stops early once even a cosine of 1 on every window left could not lift the
+    mean above `threshold` (the share is rejected either way): then the mean is that upper bound."""
+    n, total = len(windows), 0.0
+    for i, (ids, ref) in enumerate(zip(windows, reference)):
         h = probe.run(ids, aliases=share)
-        sims.append(float(torch.nn.functional.cosine_similarity(h.flatten().float(), ref.flatten().float(), dim=0)))
-    return sum(sims) / len(sims)
+        total += float(torch.nn.functional.cosine_similarity(h.flatten().float(), ref.flatten().float(), dim=0))
+        bound = (total + (n - i - 1)) / n
+        if i + 1 < n and bound <= threshold:
+            return bound, False
+    return total / n, True
 
 
 @torch.no_grad()
@@ -108,7 +114,7 @@ def search(probe, windows: list[list[int]], layers: int, threshold: float) -> di
                 continue
             candidate = resolve(share, layer, src)
             tried += 1
-            sim = similarity(probe, windows, reference, candidate)
+            sim, _ = similarity(probe, windows, reference, candidate, threshold)
             bar.set_postfix(tried=tried, cos=f"{sim:.3f}")
             if sim > threshold:
                 share, sim_now = candidate, sim

@@ -50,15 +50,19 @@ def needles(lm, n_tokens: int, seed: int = 0) -> list[tuple[list[int], int]]:
             ((d, rng.randint(10000, 99999)) for d in DEPTHS)]
 
 
-def run_needles(lm, name: str, prompts) -> dict:
+def run_needles(lm, name, prompts) -> dict:
+    """`name`: a profile in profiles/, or a Profile."""
+    prof = profile(name) if isinstance(name, str) else name
     found, ratios, times = 0, [], []
     for ids, key in prompts:
-        eng = Engine(lm, profile(name))
+        eng = Engine(lm, prof)
         t = time.perf_counter()
         seq = eng.start(Request("n", ids, SamplingParams(max_new_tokens=1)))
         times.append(time.perf_counter() - t)
         use = eng.usage(seq.slot)
         ratios.append(use.held / use.full)
+        if not seq.out:  # the first token was EOS: an empty answer
+            continue
         # Prefill ended with one sampled token; keep decoding it to 12 tokens.
         seq.finish, seq.last, seq.req.params.max_new_tokens = None, seq.out[-1], 12
         while seq.finish is None and seq.last is not None:

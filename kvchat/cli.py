@@ -262,6 +262,7 @@ def calibrate(model, profile, device, dtype, data):
     Examples:
       kvchat calibrate -p razor
       kvchat calibrate -p razor -m ./my-llama
+      kvchat calibrate -p kvsharer --data my-chats.jsonl
     """
     from kvchat.calibration import calibrate as run
     from kvchat.engine.probe import make_probe
@@ -280,6 +281,8 @@ def calibrate(model, profile, device, dtype, data):
         if path is not None:
             done += 1
             click.echo(f"{m.name}: calibrated for {lm.desc.name} -> {path}")
+            if hasattr(m, "calibration_note"):
+                click.echo(m.calibration_note(lm.desc.name))
     if not done:
         click.echo(f"profile {prof.name} needs no calibration ({prof.describe()})")
 
@@ -324,6 +327,10 @@ def profiles_show(name):
     p = load_profile(name)
     click.echo(Path(p.source).read_text().rstrip())
     click.echo(f"# resolved: {p.describe()}")
+    model = os.environ.get("KVCHAT_MODEL") or EMBEDDED
+    for m in p.methods:  # what a calibrated method found for the default model (KVSharer's share map)
+        if hasattr(m, "calibration_note"):
+            click.echo(f"# {m.calibration_note(model)}")
 
 
 if __name__ == "__main__":

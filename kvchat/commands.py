@@ -93,7 +93,7 @@ def stats_text(session) -> str:
         f"peak {human_bytes(now.peak_held)} held",
         "tokens kept per layer (per KV head where heads differ):",
     ]
-    return "\n".join(lines + layer_chart(eng.kept(0), now.seen))
+    return "\n".join(lines + layer_chart(eng.kept(0), now.seen, aliases=eng.aliases))
 
 
 def save(session, path: str) -> Reply:

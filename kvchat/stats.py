@@ -33,12 +33,16 @@ def bar(value: float, top: float, width: int = 32) -> str:
     return "█" * full + (BLOCKS[rest] if rest else "")
 
 
-def layer_chart(kept: list[list[int]], seen: int, width: int = 32) -> list[str]:
+def layer_chart(kept: list[list[int]], seen: int, width: int = 32, aliases: dict[int, int] | None = None) -> list[str]:
     """One line per layer: a bar of the mean tokens kept per KV head (scaled to the tokens seen), the
-    per-head counts when heads differ (RazorAttention), and the share of a full cache."""
+    per-head counts when heads differ (RazorAttention), and the share of a full cache. A layer in
+    `aliases` (KVSharer: it reads an earlier layer's cache and holds none) says which layer it reads."""
     lines = []
     top = max(seen, max((max(h) for h in kept if h), default=0), 1)
     for i, heads in enumerate(kept):
+        if aliases and i in aliases:
+            lines.append(f"L{i:02d} -> L{aliases[i]:02d} (shared: reads its KV cache, holds none)")
+            continue
         mean = sum(heads) / len(heads) if heads else 0
         ragged = len(set(heads)) > 1
         detail = "/".join(str(h) for h in heads) if ragged else str(heads[0] if heads else 0)

@@ -22,6 +22,7 @@ from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
 from kvchat.methods.kivi import Kivi
 from kvchat.methods.kvquant import KVQuant
+from kvchat.methods.kvsharer import KVSharer
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
@@ -39,6 +40,8 @@ COMPRESSING = {
 }
 FORMATS = {"half": lambda: Half(residual=8, group=8), "kivi": lambda: Kivi(bits=4, group=8, residual=8),
            "kvquant": lambda: KVQuant(bits=4, group=8, block=8)}
+# Layouts: threshold -1 accepts every share the search tries, so exactly `layers` layers share.
+LAYOUTS = {"kvsharer": lambda: KVSharer(layers=2, threshold=-1.0, samples=2, tokens=24)}
 
 
 def by_role(role: str) -> list[str]:
@@ -110,6 +113,7 @@ def run_checked(lm, methods, prompts, steps=30, turns=1):
 def test_every_method_has_a_role_and_keep_all_settings():
     assert set(COMPRESSING) == set(by_role("policy")), "every policy needs a compressing instance here"
     assert set(FORMATS) == set(by_role("format")), "every format needs an instance here"
+    assert set(LAYOUTS) == set(by_role("layout")), "every layout needs an instance here"
     for name, cls in REGISTRY.items():
         assert cls.role in ROLES, name
         assert isinstance(cls.keep_all(), cls), name
@@ -124,7 +128,8 @@ def test_keep_all_equals_full(lm, home, name):
     assert eng.store.tokens_kept(0) == feng.store.tokens_kept(0)
 
 
-@pytest.mark.parametrize("a,b", list(itertools.permutations(sorted(COMPRESSING), 2)))
+@pytest.mark.parametrize("a,b", list(itertools.permutations(sorted(COMPRESSING), 2))
+                         + [(a, lay) for a in sorted(COMPRESSING) for lay in sorted(LAYOUTS)])
 def test_policy_next_to_keep_all_other_equals_policy_alone(lm, home, a, b):
     ids = prompt()
     alone, eng = generate(lm, [COMPRESSING[a]()], ids)
@@ -145,15 +150,19 @@ def test_policy_over_format_equals_policy_when_the_format_keeps_all(lm, home, po
 
 COMPOSITIONS = ([[a, b] for a, b in itertools.permutations(sorted(COMPRESSING), 2)]
                 + [[p, f] for p in sorted(COMPRESSING) for f in sorted(FORMATS)]
-                + [["razor", "d2o", "half"], ["pyramidinfer", "window", "half"]])
+                + [["razor", "d2o", "half"], ["pyramidinfer", "window", "half"]]
+                + [[lay, x] for lay in sorted(LAYOUTS) for x in sorted(COMPRESSING) + sorted(FORMATS)]
+                + [[lay, "razor", "half"] for lay in sorted(LAYOUTS)])
 
 
 @pytest.mark.parametrize("names", COMPOSITIONS, ids=["+".join(c) for c in COMPOSITIONS])
 def test_compositions_keep_every_state_in_step(lm, home, names):
-    make = {**COMPRESSING, **FORMATS}
+    make = {**COMPRESSING, **FORMATS, **LAYOUTS}
     eng = run_checked(lm, [make[n]() for n in names], [prompt(200), prompt(150, seed=2)], steps=30, turns=2)
     full = eng.store.bytes_full()
     assert eng.store.bytes_held() < full  # they compress, and every step above kept them consistent
+    if any(n in LAYOUTS for n in names):  # the layout's sharing layers read another's store, own nothing
+        assert len(eng.store.aliases) == 2 and len(eng.store.owned()) == lm.desc.n_layers - 2
 
 
 # ---- formats -------------------------------------------------------------------------------------------
@@ -394,9 +403,10 @@ def test_rotating_a_key_moves_it_to_another_position(lm):
 @pytest.mark.parametrize("names,shrinks", [(["window"], True), (["window", "half"], True),
                                            # a full layer (pyramid's first, d2o's edges) or head (razor's
                                            # retrieval heads) holds every position: nothing to close
-                                           (["pyramidinfer", "half"], False), (["razor", "d2o"], False)])
+                                           (["pyramidinfer", "half"], False), (["razor", "d2o"], False),
+                                           (["kvsharer", "window"], True)])
 def test_reposition_closes_the_gaps_and_generation_goes_on(lm, home, names, shrinks):
-    make = {**COMPRESSING, **FORMATS}
+    make = {**COMPRESSING, **FORMATS, **LAYOUTS}
     eng = Engine(lm, Profile("t", methods=[make[n]() for n in names]))
     seq = eng.start(Request("a", prompt(300), SamplingParams(max_new_tokens=20)))
     while not seq.finish:

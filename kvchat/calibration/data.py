@@ -78,6 +78,10 @@ def samples(tokenizer, n: int, tokens: int, seed: int, data: str | None = None) 
     if len(ids) < tokens:
         raise KvchatError(f"the calibration text has {len(ids):,} tokens; {tokens:,} per sample are needed "
                           "(give more text with --data, or fewer tokens)")
+    return [ids[s : s + tokens] for s in window_starts(len(ids), n, tokens, seed)]
+
+
+def window_starts(n_ids: int, n: int, tokens: int, seed: int) -> list[int]:
+    """Where `samples` cuts its n windows from a corpus of n_ids tokens (evaluations stay clear of them)."""
     rng = random.Random(seed)
-    starts = [rng.randrange(0, len(ids) - tokens + 1) for _ in range(n)]
-    return [ids[s : s + tokens] for s in starts]
+    return [rng.randrange(0, n_ids - tokens + 1) for _ in range(n)]

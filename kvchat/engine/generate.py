@@ -247,6 +247,11 @@ class Engine(Forcing):
         return (Usage(st.peak_held, st.peak_full, st.peak_held, st.peak_full),
                 Usage(avg_h, avg_f, st.peak_held, st.peak_full))
 
+    @property
+    def aliases(self) -> dict[int, int]:
+        """{layer: earlier layer whose KV cache it reads} (a layout's share map; empty without one)."""
+        return dict(self.store.aliases)
+
     def kept(self, slot: int) -> list[list[int]]:
         """Per layer, per KV head: tokens stored for `slot` (a layer sharing another's store reports it)."""
         return self.store.tokens_kept(slot)

@@ -5,6 +5,7 @@ from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
 from kvchat.methods.kivi import Kivi
 from kvchat.methods.kvquant import KVQuant
+from kvchat.methods.kvsharer import KVSharer
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
 from kvchat.methods.window import Window
@@ -17,6 +18,7 @@ REGISTRY: dict[str, type[Method]] = {
     Half.name: Half,
     Kivi.name: Kivi,
     KVQuant.name: KVQuant,
+    KVSharer.name: KVSharer,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

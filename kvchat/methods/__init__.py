@@ -1,6 +1,7 @@
 """KV-cache methods, one file each. `REGISTRY` maps the keys under a profile's `methods:` to classes."""
 
 from kvchat.methods.base import Method, PrefillCtx
+from kvchat.methods.cskv import CSKV
 from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
 from kvchat.methods.pyramid import PyramidInfer
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[Method]] = {
     RazorAttention.name: RazorAttention,
     D2O.name: D2O,
     Half.name: Half,
+    CSKV.name: CSKV,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-PROFILE ?= window
+PROFILE ?= full
 
 .PHONY: chat test bench setup clean
 

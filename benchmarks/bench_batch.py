@@ -114,7 +114,7 @@ def main():
         s = run_kvchat(lm, prof, rows, a.max_new_tokens, a.cap_slots, cap=a.cap)
         kv = s["kv"]
         print(f"{prof:>10} | {s['max_concurrent']:>20} {s['tokens_per_s']:>7.2f} | "
-              f"{kv['peak_bytes_held'] / 1e6:>9.1f} MB {kv['peak_bytes_full'] / 1e6:>7.1f} MB {kv['peak_saved']:>6.0%}",
+              f"{kv['peak_bytes_held'] / 2**20:>8.1f} MiB {kv['peak_bytes_full'] / 2**20:>6.1f} MiB {kv['peak_saved']:>6.0%}",
               flush=True)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from kvchat.loading import quiet_transformers
 from kvchat.engine import Engine, Request, SamplingParams
+from kvchat.cache.usage import saved as kv_saved
 from kvchat.model import load_model
 from kvchat.profiles import load_profile
 
@@ -68,7 +69,8 @@ def bench_kvchat(lm, profile, batch_ids, new: int) -> tuple[float, float, float]
             eng.step([s for s in seqs if not s.finish])
             steps += 1
         decode = time.perf_counter() - t
-        saved = 1 - eng.store.bytes_held() / eng.store.bytes_full()
+        use = [eng.usage(s.slot) for s in seqs]
+        saved = kv_saved(sum(u.held for u in use), sum(u.full for u in use))
     finally:
         lm.eos_ids = eos
     return prefill, len(batch_ids) * steps / decode, saved

@@ -21,6 +21,7 @@ import torch
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.model import load_model
 from kvchat.profiles import load_profile
+from kvchat.templating import prompt_ids
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 DEPTHS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)
@@ -40,8 +41,7 @@ def needle_prompt(tok, n_tokens: int, depth: float, key: int) -> list[int]:
     text = FILLER * at + needle + FILLER * (n_fill - at)
     # The 135M model answers a bare question after the text; a long preamble makes it ramble instead.
     content = text + "\n\nWhat is the pass key? Answer with the number only."
-    msgs = [{"role": "user", "content": content}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return prompt_ids(tok, [{"role": "user", "content": content}])
 
 
 def needles(lm, n_tokens: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -57,7 +57,8 @@ def run_needles(lm, name: str, prompts) -> dict:
         t = time.perf_counter()
         seq = eng.start(Request("n", ids, SamplingParams(max_new_tokens=1)))
         times.append(time.perf_counter() - t)
-        ratios.append(eng.store.slot_held(seq.slot) / eng.store.slot_full(seq.slot))
+        use = eng.usage(seq.slot)
+        ratios.append(use.held / use.full)
         # Prefill ended with one sampled token; keep decoding it to 12 tokens.
         seq.finish, seq.last, seq.req.params.max_new_tokens = None, seq.out[-1], 12
         while seq.finish is None and seq.last is not None:
@@ -70,13 +71,12 @@ def forced_decode(lm, name: str, ids: list[int], steps: int, every: int = 64) ->
     """Held and full bytes every `every` steps of greedy decode with EOS ignored."""
     eng = Engine(lm, profile(name))
     seq = eng.start(Request("d", ids, SamplingParams(max_new_tokens=1)))
-    st = eng.store
-    marks = [(0, st.slot_held(0), st.slot_full(0))]
+    marks = [(0, eng.usage(0).held, eng.usage(0).full)]
     tok = int(seq.out[-1]) if seq.out else lm.tokenizer.eos_token_id
     for i in range(1, steps + 1):
         tok = int(eng.feed([seq], [tok])[0].argmax())
         if i % every == 0:
-            marks.append((i, st.slot_held(0), st.slot_full(0)))
+            marks.append((i, eng.usage(0).held, eng.usage(0).full))
     return marks
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     if a.decode:
         for n in (x for x in names if x != "full"):
             marks = forced_decode(lm, n, prompts[2][0], a.decode)
-            print(f"decode {n}: " + "  ".join(f"step {i}: {h / 1e6:.2f}/{f / 1e6:.2f} MB ({h / f:.1%})" for i, h, f in marks), flush=True)
+            print(f"decode {n}: " + "  ".join(f"step {i}: {h / 2**20:.2f}/{f / 2**20:.2f} MiB ({h / f:.1%})" for i, h, f in marks), flush=True)
     if a.timing_tokens and "pyramid" in names:
         ids = needle_prompt(lm.tokenizer, a.timing_tokens, 0.5, 12345)
         full, pyr = prefill_time(lm, "full", ids), prefill_time(lm, "pyramid", ids)

@@ -5,7 +5,8 @@ every earlier line is written, each line whole (one write, then flush), so an in
 finished line and `--resume` appends the rest. A bad line becomes an error record and the run goes on.
 
 --resume treats error records as done too: they are deterministic (the same line fails the same way), and
-re-running them would put their id in OUT twice. To retry a line, delete its record from OUT first.
+re-running them would put their id in OUT twice. To retry a line, delete its record from OUT first. It
+refuses an OUT that is not a kvchat results file before writing (or cutting) a byte of it.
 """
 
 from __future__ import annotations
@@ -19,27 +20,27 @@ from contextlib import contextmanager
 
 import click
 
-from kvchat.batch_io import (Job, LineError, derive_seed, encode_record, id_key, parse_bytes, parse_lines,
-                             read_done, write_all, write_json_atomic)
+from kvchat import templating
+from kvchat.batch_io import (Done, Job, LineError, derive_seed, encode_record, id_key, parse_bytes, parse_lines,
+                             read_done, split_lines, write_all, write_json_atomic)
+from kvchat.errors import PromptTooLong, TemplateError
+from kvchat.stats import human_bytes, kv_share
+
+# Exit codes of `kvchat batch` (README, `kvchat batch --help`). 1 and 2: nothing ran (click's errors).
+EXIT_SOME_FAILED = 3  # OUT is complete, but some lines are error records
+EXIT_NONE_ANSWERED = 4  # every line is an error record
+EXIT_INTERRUPTED = 130
 
 
 # ---- requests ------------------------------------------------------------------------------------------
-def encode_job(tok, job: Job, system: str | None) -> list[int]:
-    """A job's chat-templated prompt ids. The line's `system` beats --system; a first system message in
-    `messages` beats both."""
+def encode_job(tok, job: Job, system: str | None, budget: int | None = None) -> list[int]:
+    """A job's prompt ids (chat template, or plain text for a model without one). The line's `system` beats
+    --system; a first system message in `messages` beats both. `budget`: --truncate left's token limit."""
     msgs = [{"role": "user", "content": job.prompt}] if job.prompt is not None else job.messages
-    system = job.options.get("system", system)
-    if system and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": system}] + msgs
-    if getattr(tok, "chat_template", None) is None:  # a base model: prompt lines go in as plain text
-        if job.prompt is None:
-            raise LineError("the model has no chat template; use 'prompt' lines, not 'messages'")
-        return tok((system + "\n\n" if system else "") + job.prompt)["input_ids"]
     try:
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # jinja2 raises on conversations a template refuses (e.g. roles out of turn)
-        raise LineError(f"the chat template refused these messages: {e}") from None
-    return tok(text, add_special_tokens=False)["input_ids"]
+        return templating.prompt_ids(tok, msgs, job.options.get("system", system), budget=budget)
+    except (TemplateError, PromptTooLong) as e:
+        raise LineError(str(e)) from None
 
 
 def job_params(job: Job, opts: dict):
@@ -116,8 +117,8 @@ class OrderedWriter:
 
 # ---- summary -------------------------------------------------------------------------------------------
 class Stats:
-    def __init__(self, n: int, skipped: int):
-        self.n, self.skipped = n, skipped
+    def __init__(self, n: int, skipped: int, skipped_errors: int = 0):
+        self.n, self.skipped, self.skipped_errors = n, skipped, skipped_errors
         self.ok = self.errors = self.prompt_tokens = self.completion_tokens = 0
         self.t0 = time.perf_counter()
 
@@ -132,73 +133,107 @@ class Stats:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / max(time.perf_counter() - self.t0, 1e-9)
 
-    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool) -> dict:
-        st = engine.store if engine is not None else None
-        peak_h, peak_f = (st.peak_held, st.peak_full) if st else (0, 0)
-        avg_h, avg_f = kv_average(st)
+    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool, quality=None) -> dict:
+        from kvchat.cache.usage import Usage
+
+        peak, avg = engine.run_usage() if engine is not None else (Usage(0, 0, 0, 0),) * 2
         wall = time.perf_counter() - self.t0
-        return {
+        s = {
             "model": opts["model"], "profile": opts["profile"], "batch_size": batch_size, "max_kv_bytes": cap,
             "prompts": self.n, "ok": self.ok, "errors": self.errors, "skipped": self.skipped,
-            "interrupted": interrupted,
+            "skipped_errors": self.skipped_errors, "interrupted": interrupted,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(self.completion_tokens / max(wall, 1e-9), 2),
             "max_concurrent": engine.peak_live if engine is not None else 0,
-            "kv": {"peak_bytes_held": peak_h, "peak_bytes_full": peak_f, "peak_saved": _saved(peak_h, peak_f),
-                   "avg_bytes_held": avg_h, "avg_bytes_full": avg_f, "avg_saved": _saved(avg_h, avg_f)},
+            "kv": {"peak_bytes_held": peak.held, "peak_bytes_full": peak.full, "peak_saved": peak.saved,
+                   "peak_overhead": peak.overhead, "avg_bytes_held": avg.held, "avg_bytes_full": avg.full,
+                   "avg_saved": avg.saved, "avg_overhead": avg.overhead},
+            **({"quality": quality.summary()} if quality is not None else {}),
         }
+        s["exit_code"] = exit_code(s)
+        return s
 
 
-def _saved(held, full) -> float:
-    return round(1 - held / full, 4) if full else 0.0
-
-
-def kv_average(store) -> tuple[int, int]:
-    """Bytes held and full averaged over the store's updates (every prefill and decode step)."""
-    n = getattr(store, "n_notes", 0)
-    return (round(store.sum_held / n), round(store.sum_full / n)) if n else (0, 0)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+def exit_code(s: dict) -> int:
+    """0: every line of IN has an answer in OUT (this run's and, with --resume, earlier ones); 3: some are
+    error records; 4: all are; 130: interrupted."""
+    if s["interrupted"]:
+        return EXIT_INTERRUPTED
+    errors = s["errors"] + s["skipped_errors"]
+    answered = s["ok"] + s["skipped"] - s["skipped_errors"]
+    if not errors:
+        return 0
+    return EXIT_SOME_FAILED if answered else EXIT_NONE_ANSWERED
 
 
 def summary_text(s: dict) -> str:
     kv = s["kv"]
     head = f"batch: {s['prompts']:,} prompts, {s['ok']:,} ok, {s['errors']:,} errors"
     if s["skipped"]:
-        head += f" ({s['skipped']:,} skipped: already in OUT)"
-    return "\n".join([
+        head += f" ({s['skipped']:,} skipped: already in OUT"
+        head += f", {s['skipped_errors']:,} of them error records)" if s["skipped_errors"] else ")"
+    lines = [
         head + (" [interrupted]" if s["interrupted"] else ""),
         f"tokens: {s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} generated in {s['wall_s']:.1f} s "
-        f"({s['tokens_per_s']:.1f} tokens/s); up to {s['max_concurrent']} decoding at once",
-        f"KV ({s['profile']}): peak {_mb(kv['peak_bytes_held'])} held vs {_mb(kv['peak_bytes_full'])} full "
-        f"({kv['peak_saved']:.0%} saved); average {_mb(kv['avg_bytes_held'])} vs {_mb(kv['avg_bytes_full'])} "
-        f"({kv['avg_saved']:.0%} saved)",
-    ])
+        f"({s['tokens_per_s']:.1f} tokens/s over the run); up to {s['max_concurrent']} decoding at once",
+        f"KV ({s['profile']}): peak {human_bytes(kv['peak_bytes_held'])} held vs {human_bytes(kv['peak_bytes_full'])} full "
+        f"({kv_share(kv['peak_saved'], kv['peak_overhead'])}); average {human_bytes(kv['avg_bytes_held'])} vs "
+        f"{human_bytes(kv['avg_bytes_full'])} ({kv_share(kv['avg_saved'], kv['avg_overhead'])})",
+    ]
+    q = s.get("quality")
+    if q:
+        lines.append(f"quality vs full over {q['compared']:,} answers: KL {q['kl_mean']:.4f} nats/token, top-1 agreement "
+                     f"{q['top1_agreement']:.1%}, {q['diverged']:,} diverged")
+    return "\n".join(lines)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
-def _read_lines(inp: str) -> list[str]:
+def _read_lines(inp: str):
     try:
-        data = sys.stdin.buffer.read() if inp == "-" else open(inp, "rb").read()
+        if inp == "-":
+            return split_lines(sys.stdin.buffer.read())
+        with open(inp, "rb") as f:
+            return split_lines(f.read())
     except OSError as e:
         raise click.ClickException(f"cannot read {inp}: {e.strerror}") from None
-    raw = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # a BOM (Windows editors) is not part of line 1
-    if raw and raw[-1] == b"":  # the newline ending the last line does not start another one
-        raw.pop()
-    # A line that is not UTF-8 keeps its place and fails as invalid JSON.
-    return [r.rstrip(b"\r").decode("utf-8", errors="replace") for r in raw]
 
 
-def _open_out(out: str, resume: bool):
+def _open_out(out: str, resume: bool, done: Done):
     if out == "-":
         sys.stdout.flush()
         return sys.stdout.buffer, False
     try:
+        if resume and done.end < done.size:  # a killed run's partial line: append after the last whole one
+            os.truncate(out, done.end)
         return open(out, "ab" if resume else "wb", buffering=0), True
     except OSError as e:
         raise click.ClickException(f"cannot write {out}: {e.strerror}") from None
+
+
+def _read_done(out: str, resume: bool, jobs: list[Job]) -> Done:
+    """What OUT already holds (--resume), refusing an OUT that is not the results of this IN."""
+    if not resume:
+        return Done()
+    try:
+        done = read_done(out)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    ids = done.ids
+    if ids and not any(id_key(j.id) in ids for j in jobs):
+        raise click.ClickException(f"none of the {len(ids):,} ids in {out} is an id of IN, so --resume will not "
+                                   "append to it; give the OUT of an earlier run of this IN")
+    return done
+
+
+def _warn_cap(reqs, jobs: list[Job], per_token: int, cap: int) -> None:
+    """Once: requests whose prompt alone, at full size, needs more KV than --max-kv-bytes. The engine runs
+    such a request when nothing else is decoding, so the cap is exceeded while it runs."""
+    big = [(len(r.prompt_ids) * per_token, jobs[int(r.id)].line) for r in reqs if len(r.prompt_ids) * per_token > cap]
+    if big:
+        need, line = max(big)
+        click.echo(f"kvchat batch: warning: {len(big):,} request(s) need more KV for their prompt alone than "
+                   f"--max-kv-bytes {human_bytes(cap)} (largest: line {line}, {human_bytes(need)} at full size); "
+                   "each runs alone, over the cap", err=True)
 
 
 def _check_args(inp, out, resume, max_kv_bytes) -> int | None:
@@ -213,15 +248,19 @@ def _check_args(inp, out, resume, max_kv_bytes) -> int | None:
     return cap
 
 
-def prepare(jobs: list[Job], lm, opts: dict):
+def prepare(jobs: list[Job], lm, opts: dict, logprobs: int = 0):
     """Encode every runnable job; one whose template or options fail gets its error instead."""
     from kvchat.engine import Request
 
     reqs = []
     for pos, job in enumerate(jobs):
         if job.error is None:
+            params = job_params(job, opts)
+            budget = (templating.left_budget(lm.desc.max_positions, params.max_new_tokens)
+                      if opts.get("truncate") == "left" else None)
             try:
-                reqs.append(Request(str(pos), encode_job(lm.tokenizer, job, opts.get("system")), job_params(job, opts)))
+                reqs.append(Request(str(pos), encode_job(lm.tokenizer, job, opts.get("system"), budget), params,
+                                    logprobs=logprobs))
             except LineError as e:
                 job.error = str(e)
     return reqs
@@ -229,19 +268,19 @@ def prepare(jobs: list[Job], lm, opts: dict):
 
 def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool = False,
               summary_path: str | None = None, max_kv_bytes: str | None = None, progress: bool | None = None,
-              loaded=None) -> dict:
+              loaded=None, compare_full: bool = False) -> dict:
     """Run every line of IN; write OUT; print the summary on stderr and return it.
 
-    `loaded` = (profile, lm) skips loading (tests, benchmarks)."""
+    `loaded` = (profile, lm) skips loading (tests, benchmarks). `compare_full` scores every answer with
+    the full cache (kvchat/quality/compare.py) and adds a "quality" object to its line."""
     cap = _check_args(inp, out, resume, max_kv_bytes)
     jobs = parse_lines(_read_lines(inp))
-    try:
-        done = read_done(out) if resume else set()
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    todo = [j for j in jobs if id_key(j.id) not in done]
+    done = _read_done(out, resume, jobs)
+    ids = done.ids
+    todo = [j for j in jobs if id_key(j.id) not in ids]
+    skipped_errors = done.errors({id_key(j.id) for j in jobs})
     if not todo:  # a finished run resumed: nothing to load
-        summary = Stats(0, skipped=len(jobs)).summary(None, opts, batch_size, cap, False)
+        summary = Stats(0, skipped=len(jobs), skipped_errors=skipped_errors).summary(None, opts, batch_size, cap, False)
         click.echo(summary_text(summary), err=True)
         if summary_path:
             write_json_atomic(summary_path, summary)
@@ -253,17 +292,22 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     profile, lm = loaded
     from kvchat.engine import Engine
 
-    reqs = prepare(todo, lm, opts)
-    engine = Engine(lm, profile, max_slots=batch_size, truncate="left" if opts.get("truncate") == "left" else None)
-    stats = Stats(len(todo), skipped=len(jobs) - len(todo))
+    from kvchat.quality.compare import TOPK, Averages
+
+    reqs = prepare(todo, lm, opts, logprobs=TOPK if compare_full else 0)
+    if cap is not None:
+        _warn_cap(reqs, todo, lm.desc.kv_bytes_per_token, cap)
+    engine = Engine(lm, profile, max_slots=batch_size)
+    stats = Stats(len(todo), skipped=len(jobs) - len(todo), skipped_errors=skipped_errors)
+    quality = Averages() if compare_full else None
     if progress is None:
         progress = sys.stderr.isatty()
-    f, close = _open_out(out, resume)
+    f, close = _open_out(out, resume, done)
     interrupted = False
     try:
         with Interrupts() as guard:
             try:
-                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress)
+                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress, quality)
             except KeyboardInterrupt:
                 interrupted = True
             except BrokenPipeError:  # the reader of `-` went away (`| head`): stop quietly, as cat does
@@ -272,18 +316,32 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
     finally:
         if close:
             f.close()
-    summary = stats.summary(engine, opts, batch_size, cap, interrupted)
+    summary = stats.summary(engine, opts, batch_size, cap, interrupted, quality)
     click.echo(summary_text(summary), err=True)
     if summary_path:
         write_json_atomic(summary_path, summary)
     if interrupted:
         click.echo(f"kvchat batch: interrupted; {stats.ok + stats.errors:,} of {len(todo):,} lines written to {out}"
                    + ("; run again with --resume to finish" if out != "-" else ""), err=True)
-        raise click.exceptions.Exit(130)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
     return summary
 
 
-def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool) -> None:
+def _quality(ref, req, res, averages) -> dict:
+    """The answer scored by the full cache; the prompt is what the engine ran (its end, if truncated)."""
+    from kvchat.errors import KvchatError
+    from kvchat.quality.compare import compare_answer, public
+
+    try:
+        q = compare_answer(ref, req.prompt_ids[len(req.prompt_ids) - res.prompt_tokens:], res.logprobs)
+    except KvchatError as e:
+        return {"error": str(e)}
+    averages.add(q)
+    return public(q)
+
+
+def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool,
+              quality=None) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -291,8 +349,8 @@ def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats
     def finish(pos: int, rec: dict, res=None) -> None:
         stats.add(res)
         writer.put(pos, rec)
-        h, f = kv_average(engine.store)
-        bar.set_postfix_str(f"{stats.tokens_per_s():.1f} tok/s, KV saved {1 - h / f if f else 0:.0%}", refresh=False)
+        avg = engine.run_usage()[1]
+        bar.set_postfix_str(f"{stats.tokens_per_s():.1f} tok/s, KV {kv_share(avg.saved, avg.overhead)}", refresh=False)
         bar.update(1)
 
     def on_error(req, exc) -> None:
@@ -303,8 +361,13 @@ def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats
         for pos, job in enumerate(todo):
             if job.error is not None:
                 finish(pos, job.error_record())
+        by_id = {r.id: r for r in reqs}
+        ref = engine.reference() if quality is not None else None
         for res in engine.run(reqs, max_kv_bytes=cap, on_error=on_error):
             pos = int(res.id)
-            finish(pos, result_record(todo[pos], res), res)
+            rec = result_record(todo[pos], res)
+            if ref is not None:
+                rec["quality"] = _quality(ref, by_id[res.id], res, quality)
+            finish(pos, rec, res)
     finally:
         bar.close()

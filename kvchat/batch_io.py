@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
+
+from kvchat.errors import MessageError
+from kvchat.templating import check_messages, check_text
 
 # Per-line options a native line may carry (validated by `_check_option`).
 OPTIONS = ("system", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -24,7 +28,6 @@ OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY = {"messages": "messages", "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
                "model": None, "n": None}
-ROLES = ("system", "user", "assistant")
 
 
 class LineError(Exception):
@@ -66,63 +69,43 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+    # JSON's NaN and Infinity parse to floats; no option means anything by them.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def _check_option(name: str, v):
     """-> the value normalized, or raise LineError naming the field and the value."""
-    bad = f"{name!r} must be {{}}, got {json.dumps(v, ensure_ascii=False)[:60]}"
+    shown = json.dumps(v, ensure_ascii=False)[:60]
+
+    def bad(what: str) -> LineError:  # not str.format: the value shown may hold braces
+        return LineError(f"{name!r} must be {what}, got {shown}")
+
     if name == "system":
-        if not isinstance(v, str):
-            raise LineError(bad.format("a string"))
+        check_text("'system'", v)
     elif name == "max_new_tokens":
         if not _is_int(v) or v < 1:
-            raise LineError(bad.format("an integer >= 1"))
+            raise bad("an integer >= 1")
     elif name == "temperature":
         if not _is_num(v) or v < 0:
-            raise LineError(bad.format("a number >= 0"))
+            raise bad("a number >= 0")
     elif name == "top_p":
         if not _is_num(v) or not 0 < v <= 1:
-            raise LineError(bad.format("a number in (0, 1]"))
+            raise bad("a number in (0, 1]")
     elif name == "top_k":
         if not _is_int(v) or v < 0:
-            raise LineError(bad.format("an integer >= 0"))
+            raise bad("an integer >= 0")
     elif name == "seed":
-        if not _is_int(v):
-            raise LineError(bad.format("an integer"))
+        if not _is_int(v) or not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+            raise bad("an integer in [-2**63, 2**64)")
     elif name == "stop":
         v = [v] if isinstance(v, str) else v
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise LineError(bad.format("a string or a list of strings"))
+            raise bad("a string or a list of strings")
         v = tuple(s for s in v if s)
     return v
-
-
-def _content(c, i: int) -> str:
-    if isinstance(c, str):
-        return c
-    # OpenAI content parts: keep the text ones, refuse images and audio rather than drop them silently.
-    if isinstance(c, list) and all(isinstance(p, dict) for p in c):
-        kinds = {p.get("type") for p in c}
-        if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in c):
-            return "".join(p["text"] for p in c)
-        raise LineError(f"messages[{i}].content has parts of type {sorted(map(str, kinds - {'text'}))}; only text is supported")
-    raise LineError(f"messages[{i}].content must be a string, got {type(c).__name__}")
-
-
-def check_messages(msgs) -> list[dict]:
-    if not isinstance(msgs, list):
-        raise LineError(f"'messages' must be a list, got {type(msgs).__name__}")
-    if not msgs:
-        raise LineError("'messages' is empty; give at least one message")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise LineError(f"messages[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise LineError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(m.get('role'))}")
-        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
-    return out
 
 
 def _unknown(obj: dict, known, where: str = "") -> None:
@@ -149,8 +132,7 @@ def _native(job: Job, obj: dict) -> None:
     if ("prompt" in obj) == ("messages" in obj):
         raise LineError("give exactly one of 'prompt' (a string) or 'messages' (a list)")
     if "prompt" in obj:
-        if not isinstance(obj["prompt"], str):
-            raise LineError(f"'prompt' must be a string, got {type(obj['prompt']).__name__}")
+        check_text("'prompt'", obj["prompt"])
         if not obj["prompt"].strip():
             raise LineError("'prompt' is empty")
         job.prompt = obj["prompt"]
@@ -181,9 +163,44 @@ def _openai(job: Job, obj: dict) -> None:
     _fill(job, body, [k for k in OPENAI_BODY if k != "messages"])
 
 
-def parse_line(text: str, index: int, line: int) -> Job:
+@dataclass(frozen=True)
+class Undecodable:
+    """An input line that is not UTF-8: it keeps its place and becomes an error record."""
+
+    message: str
+
+
+def split_lines(data: bytes) -> list[str | Undecodable]:
+    """A JSONL file's bytes -> its lines, each decoded on its own so one bad byte costs one line."""
+    bom = b"\xef\xbb\xbf" if data.startswith(b"\xef\xbb\xbf") else b""  # Windows editors; not part of line 1
+    raw = data[len(bom):].split(b"\n")
+    if raw and raw[-1] == b"":  # the newline ending the last line does not start another one
+        raw.pop()
+    lines, offset = [], len(bom)
+    for r in raw:
+        try:
+            lines.append(r.removesuffix(b"\r").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            lines.append(Undecodable(f"not UTF-8: byte 0x{r[e.start]:02x} at byte {e.start:,} of the line "
+                                     f"(byte {offset + e.start:,} of the file)"))
+        offset += len(r) + 1
+    return lines
+
+
+def _take_id(job: Job, obj: dict) -> None:
+    """The line's id, before anything else is checked: an error record keeps it whenever it is usable."""
+    key = "custom_id" if "custom_id" in obj else "id"
+    rid = obj.get(key)
+    if isinstance(rid, str) or _is_int(rid):
+        job.id, job.custom_id = rid, key == "custom_id"
+
+
+def parse_line(text: str | Undecodable, index: int, line: int) -> Job:
     """One input line -> a Job (with `error` set when the line cannot run)."""
     job = Job(index=index, line=line, id=line)
+    if isinstance(text, Undecodable):
+        job.error = text.message
+        return job
     if not text.strip():
         job.error = "empty line; expected a JSON object"
         return job
@@ -192,11 +209,18 @@ def parse_line(text: str, index: int, line: int) -> Job:
     except json.JSONDecodeError as e:
         job.error = f"invalid JSON ({e.msg} at column {e.colno})"
         return job
+    except ValueError:  # Python refuses integers of more than 4,300 digits
+        job.error = "invalid JSON (a number too long to read: over 4,300 digits)"
+        return job
+    except RecursionError:
+        job.error = "invalid JSON (nested too deeply)"
+        return job
     try:
         if not isinstance(obj, dict):
             raise LineError(f"expected a JSON object, got {type(obj).__name__}")
+        _take_id(job, obj)
         (_openai if "custom_id" in obj else _native)(job, obj)
-    except LineError as e:
+    except (LineError, MessageError) as e:
         job.error = str(e)
     return job
 
@@ -240,7 +264,10 @@ def parse_bytes(s: str) -> int:
 
 # ---- output --------------------------------------------------------------------------------------------
 def encode_record(rec: dict) -> bytes:
-    return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # an id or a quoted value holds a lone surrogate: \\u escapes keep it valid JSON
+        return (json.dumps(rec, ensure_ascii=True) + "\n").encode("ascii")
 
 
 def write_all(f, data: bytes) -> None:
@@ -252,25 +279,73 @@ def write_all(f, data: bytes) -> None:
     f.flush()
 
 
-def read_done(path: str) -> set[str]:
-    """Ids (as `id_key`) of the complete lines of an existing OUT; a partial last line (a killed run) is
-    truncated away so appending starts on a line boundary."""
+@dataclass
+class Done:
+    """What an existing OUT already holds, read for --resume without changing a byte of it."""
+
+    records: list[tuple[str, bool]] = field(default_factory=list)  # (id_key, answered) per whole line
+    end: int = 0  # bytes of whole result lines; anything after them is a partial line a killed run left
+    size: int = 0
+
+    @property
+    def ids(self) -> set[str]:
+        return {k for k, _ in self.records}
+
+    def errors(self, among: set[str]) -> int:
+        """Error records whose id is in `among`."""
+        return sum(not ok and k in among for k, ok in self.records)
+
+
+_HEAD = b'{"id": '  # how every line kvchat writes starts (see Job.record)
+
+
+def _result_line(rec) -> bool | None:
+    """True: an answer, False: an error record, None: not a line kvchat writes."""
+    if not isinstance(rec, dict) or not (isinstance(rec.get("id"), str) or _is_int(rec.get("id"))):
+        return None
+    if isinstance(rec.get("error"), dict):
+        return False
+    if isinstance(rec.get("text"), str):
+        return True
+    return None
+
+
+def read_done(path: str) -> Done:
+    """Check that OUT is a kvchat results file (every whole line a result or error record, a partial last
+    line the start of one) and return what it holds. Raises ValueError naming the first line that is not;
+    writes nothing: the caller cuts the partial line only once it appends."""
     if not os.path.exists(path):
-        return set()
-    with open(path, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            f.truncate(end)
-    done = set()
-    for n, raw in enumerate(data[:end].splitlines(), 1):
+        return Done()
+
+    def refuse(why: str) -> ValueError:  # not str.format: a path may hold braces
+        return ValueError(f"{path} is not a kvchat results file, so --resume will not touch it: {why}; "
+                          "give the OUT of an earlier run")
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    end = data.rfind(b"\n") + 1
+    done = Done(end=end, size=len(data))
+    for n, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
         if not raw.strip():
             continue
         try:
-            rec = json.loads(raw)
-            done.add(id_key(rec["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path} line {n} is not a kvchat result line; fix or remove it, or run without --resume") from None
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise refuse(f"line {n} is not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start:,} of the line)") from None
+        except (ValueError, RecursionError):
+            raise refuse(f"line {n} is not JSON") from None
+        ok = _result_line(rec)
+        if ok is None:
+            swapped = isinstance(rec, dict) and ({"prompt", "messages", "body"} & rec.keys())
+            raise refuse(f"line {n} is not a result line" + (" but a request (are IN and OUT swapped?)" if swapped else ""))
+        done.records.append((id_key(rec["id"]), ok))
+    tail = data[end:]
+    if tail and not (tail.startswith(_HEAD) or _HEAD.startswith(tail)):
+        last = data[:end].count(b"\n") + 1
+        raise refuse(f"its last line (line {last}, no newline) is not the start of a result line")
     return done
 
 

@@ -1,4 +1,4 @@
-"""kvchat's command line: chat (the default), batch, profiles, calibrate. Thin: parsing and errors only."""
+"""kvchat's command line: chat (the default), batch, eval, profiles, calibrate. Thin: parsing and errors only."""
 
 from __future__ import annotations
 
@@ -113,9 +113,17 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
             raise click.UsageError("stdin is empty: pipe a prompt in (echo 'hello' | kvchat) or run kvchat in a terminal")
     profile, lm, params = setup(opts)
     session = Session(lm, profile, params, system=opts["system"], truncate=None if opts["truncate"] == "error" else "left")
+    if interactive:
+        from kvchat.quality.compare import TOPK
+
+        session.logprobs = TOPK  # /compare scores the last answer
     if not interactive:
         out = sys.stdout
-        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()))
+        from kvchat.stats import prefill_progress
+
+        err = (lambda s: (sys.stderr.write(s), sys.stderr.flush())) if sys.stderr.isatty() else (lambda s: None)
+        session.ask(text, on_token=lambda _id, delta: (out.write(delta), out.flush()),
+                    on_progress=prefill_progress(err))
         out.write("\n")
         out.flush()
         return
@@ -133,25 +141,109 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON to this file.")
 @click.option("--max-kv-bytes", default=None, help="Admit a new request only while the KV bytes held stay under this (e.g. 2GiB, 500MB).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--compare-full", is_flag=True, help="Score each answer with the full cache (one extra prefill each): adds \"quality\" (KL, top-1 agreement, first divergence) to every line.")
 @click.pass_context
 @user_errors
-def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, **local):
+def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, compare_full, **local):
     """Generate for every line of a JSONL file; write one JSONL result line per input line, in order.
 
-    
+    \b
     Input lines: {"id": "q1", "prompt": "..."} or {"id": "q1", "messages": [...]}, optional system,
     max_new_tokens, temperature, top_p, top_k, seed, stop; OpenAI batch lines ({"custom_id", "body"}) too.
-    
+    A line that cannot run gets an error record in OUT; the run goes on.
+
+    \b
+    Exit codes:
+      0    every line answered
+      3    OUT is complete, but some lines are error records
+      4    OUT is complete, but every line is an error record
+      1, 2 nothing ran: a bad option, an unreadable IN, a model or profile error, or an OUT that
+           --resume refuses (not a kvchat results file; it is left as it was)
+      130  interrupted (Ctrl-C): OUT holds whole lines; run again with --resume
+    With --resume, the lines an earlier run answered or failed count too.
+
+    \b
     Examples:
       kvchat batch in.jsonl out.jsonl -p window --batch-size 8
       cat in.jsonl | kvchat batch - - -p window > out.jsonl
       kvchat batch in.jsonl out.jsonl --resume --summary summary.json
+      kvchat batch in.jsonl out.jsonl -p window --compare-full
     """
     from kvchat.batch import run_batch
 
     opts = merged(ctx, local)
-    run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
-              max_kv_bytes=max_kv_bytes, progress=progress)
+    summary = run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
+                        max_kv_bytes=max_kv_bytes, progress=progress, compare_full=compare_full)
+    ctx.exit(summary["exit_code"])
+
+
+@main.command("eval")
+@click.option("--model", "-m", default=None, help=f"Model: {EMBEDDED} (embedded, default), a local dir or a hub id. Env KVCHAT_MODEL.")
+@click.option("--profile", "-p", "profiles", default=None, help="Comma list of shipped profile names or .yaml paths [default: every shipped profile].")
+@click.option("--lengths", default="1024,2048", show_default=True, help="Prompt lengths in tokens for the retrieval tasks, comma separated.")
+@click.option("--tasks", default="passkey,reassign", show_default=True, help="Retrieval tasks, comma separated: passkey, reassign, multikey (beyond the embedded 135M model).")
+@click.option("--cases", type=click.IntRange(1), default=1, show_default=True, help="Cases per task and length (each its own seed).")
+@click.option("--split", type=click.Choice(["heldout", "tuning"]), default="heldout", show_default=True, help="Seed range: held-out (1000+, for reporting) or tuning (0-999).")
+@click.option("--text", "text", type=click.Path(dir_okay=False), default=None, help="Fidelity text file [default: Python's own documentation, pydoc_data].")
+@click.option("--prefix-tokens", type=click.IntRange(16), default=1024, show_default=True, help="Fidelity: tokens of the text prefilled under the profile.")
+@click.option("--scored-tokens", type=click.IntRange(0), default=128, show_default=True, help="Fidelity: tokens then teacher-forced one decode step at a time; 0 skips fidelity.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write every figure and case as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy against KV held to this PNG (needs kvchat[plot]).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to run [default auto].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None, help="Weights and KV dtype [default auto].")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.pass_context
+@user_errors
+def eval_(ctx, model, profiles, lengths, tasks, cases, split, text, prefix_tokens, scored_tokens, json_path, plot_path,
+          device, dtype, progress):
+    """Measure what each profile costs in quality: retrieval accuracy on generated tasks, and KL,
+    top-1 agreement and perplexity against the full cache on a real text, beside the KV held.
+
+    \b
+    Examples:
+      kvchat eval                                   # every shipped profile, held-out seeds, 1k and 2k tokens
+      kvchat eval -p full,window,./mine.yaml --lengths 2048 --cases 4
+      kvchat eval -p pyramid --split tuning --json tuning.json --plot frontier.png
+      kvchat eval --text my_notes.txt --prefix-tokens 2048 --scored-tokens 256
+    """
+    from kvchat.quality import evaluate as ev
+
+    opts = merged(ctx, {"model": model, "device": device, "dtype": dtype})
+    if plot_path:
+        from kvchat.quality.report import check_plot
+
+        check_plot()
+    settings = ev.Settings(lengths=ev.parse_lengths(lengths), tasks=ev.parse_tasks(tasks), cases=cases, split=split,
+                           prefix=prefix_tokens, scored=scored_tokens, text=text)
+    profs = ev.load_profiles(profiles or ctx.find_root().params.get("profile"))
+    from kvchat.loading import quiet_transformers
+    from kvchat.model import load_model
+
+    quiet_transformers()
+    lm = load_model(opts["model"], opts["device"], opts["dtype"], progress=lambda m: click.echo(m, err=True))
+    ev.check_fits(settings, lm.desc.max_positions)
+    run = ev.evaluate(lm, profs, settings, progress=progress)
+    show_eval(run, json_path, plot_path)
+
+
+def show_eval(run, json_path, plot_path) -> None:
+    from kvchat.quality import report
+
+    rec = run.record()
+    if rec["profiles"]:
+        click.echo(report.table(rec))
+        click.echo(report.notes(rec))
+        click.echo()
+        click.echo(report.chart(rec["profiles"]))
+    if json_path:
+        report.write_json(json_path, rec)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path and rec["profiles"]:
+        report.write_png(plot_path, rec)
+        click.echo(f"wrote {plot_path}", err=True)
+    if run.interrupted:
+        click.echo(f"kvchat eval: interrupted; {len(rec['profiles'])} profile(s) finished", err=True)
+        raise click.exceptions.Exit(130)
 
 
 @main.command()

@@ -19,3 +19,15 @@ class UnsupportedModel(ModelError):
 
 class PromptTooLong(KvchatError):
     """A prompt exceeds the model's context window."""
+
+
+class TemplateError(KvchatError):
+    """A chat template refused a conversation, or cannot render it safely."""
+
+
+class HomeError(KvchatError):
+    """KVCHAT_HOME cannot hold kvchat's files (it is a file, or not writable)."""
+
+
+class MessageError(KvchatError):
+    """A conversation message (a batch line's, a loaded transcript's) that is not {role, text content}."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kvchat.errors import ModelError, UnsupportedModel
+from kvchat.errors import HomeError, ModelError, UnsupportedModel
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,7 +24,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def kvchat_home() -> Path:
-    return Path(os.environ.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat")
+    """Where kvchat keeps converted models, calibrations and the REPL history: a directory (made on use)."""
+    home = Path(os.environ.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat").expanduser()
+    if home.exists() and not home.is_dir():
+        raise HomeError(f"KVCHAT_HOME={home} is a file; point KVCHAT_HOME at a directory (kvchat creates it)")
+    return home
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,12 @@ def embedded_dir(progress=None) -> Path:
         progress(f"converting the embedded model {EMBEDDED} from GGUF once (about 30 s) into {target}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
+    except OSError as e:
+        raise HomeError(f"cannot create {target.parent} for the converted model: {e.strerror} "
+                        "(point KVCHAT_HOME at a writable directory)") from None
     try:
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -158,7 +166,23 @@ def _source(name: str, progress=None) -> tuple[str, dict]:
         raise ModelError(f"--model {name!r}: no such directory (give a model directory, a hub id or {EMBEDDED!r})")
     if Path(name).expanduser().exists():
         raise ModelError(f"--model {name!r} is a file; give a model directory, a hub id or {EMBEDDED!r}")
-    return name, {}
+    return name, ({} if hub_reachable() else {"local_files_only": True})
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick request to the hub. huggingface_hub retries an unreachable host with backoff (~30 s)
+    before it gives up; offline, kvchat reads its local cache only and fails at once if the model is not
+    there."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any transport error (DNS, refused, timeout, proxy) means: not reachable now
+        return False
+    return True
 
 
 def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", progress=None) -> LoadedModel:
@@ -171,8 +195,10 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto", 
     try:
         config = AutoConfig.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
+        where = ("not in the local Hugging Face cache, and the hub is unreachable (offline?)"
+                 if kwargs.get("local_files_only") else f"locally or on the hub ({str(e).splitlines()[0][:160]})")
         raise ModelError(
-            f"cannot find model {name!r} locally or on the hub ({str(e).splitlines()[0][:160]}); "
+            f"cannot find model {name!r} {where}; "
             f"pass a local directory with --model, download it first with `hf download {name}`, "
             f"or use the embedded {EMBEDDED!r}"
         ) from None

@@ -20,6 +20,9 @@ from kvchat.errors import ProfileError
 from kvchat.methods import REGISTRY, Method
 
 TOP_KEYS = {"name", "summary", "paper", "methods"}
+# A profile is a few lines. PyYAML reads ~55 KB/s, so a huge file would keep kvchat busy for minutes.
+MAX_BYTES = 16 * 1024
+MAX_METHODS = 16
 
 
 @dataclass
@@ -74,7 +77,9 @@ def parse_profile(data, src: str) -> Profile:
     name = data.get("name") or Path(src).stem
     methods_raw = data.get("methods") or []
     if not isinstance(methods_raw, list):
-        raise ProfileError(f"{_where(src)}: 'methods' must be a list of {{method: {{params}}}}, got {methods_raw!r}")
+        raise ProfileError(f"{_where(src)}: 'methods' must be a list of {{method: {{params}}}}, got {str(methods_raw)[:80]}")
+    if len(methods_raw) > MAX_METHODS:
+        raise ProfileError(f"{_where(src)}: 'methods' lists {len(methods_raw):,} methods; a profile composes at most {MAX_METHODS}")
     methods = []
     for item in methods_raw:
         if isinstance(item, str):
@@ -101,7 +106,14 @@ def load_profile(name_or_path: str) -> Profile:
                 f"unknown profile {name_or_path!r}; shipped profiles: {', '.join(shipped_names())} (or give a path to a .yaml)"
             )
     try:
-        data = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise ProfileError(f"profile {path} is {size:,} bytes; a profile is a few lines (at most {MAX_BYTES:,} bytes)")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ProfileError(f"profile {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"profile {path}: not UTF-8 (byte {e.start:,})") from None
     except yaml.YAMLError as e:
         raise ProfileError(f"profile {path}: invalid YAML ({str(e).splitlines()[0]})") from None
     return parse_profile(data, str(path))

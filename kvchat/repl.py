@@ -11,9 +11,10 @@ import sys
 from contextlib import contextmanager
 
 from kvchat.commands import handle
+from kvchat.engine import PrefillInterrupted
 from kvchat.errors import KvchatError
 from kvchat.model import kvchat_home
-from kvchat.stats import turn_line
+from kvchat.stats import prefill_progress, turn_line
 
 FENCE = '"""'
 
@@ -87,11 +88,17 @@ class Repl:
     def answer(self, text: str) -> None:
         with interruptible() as stopped:
             try:
-                turn = self.session.ask(text, on_token=lambda _id, delta: self.write(delta), should_stop=stopped)
+                turn = self.session.ask(text, on_token=lambda _id, delta: self.write(delta), should_stop=stopped,
+                                        on_progress=prefill_progress(self.write))
             except KvchatError as e:
                 self.write(f"error: {e}\n")
                 return
+            except PrefillInterrupted:
+                self.write("[stopped while reading the message: not answered, the conversation is as before]\n")
+                return
         self.write("\n")
+        if turn.notice:
+            self.write(f"{turn.notice}\n")
         if turn.result.finish_reason == "interrupted":
             self.write("[stopped]\n")
         if not self.quiet:

@@ -6,6 +6,7 @@ BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
 def human_bytes(n: float) -> str:
+    """kvchat's one unit for sizes everywhere it prints them: binary (1 MiB = 2**20 bytes)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
@@ -13,8 +14,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def saved_pct(held: int, full: int) -> str:
-    return f"{(1 - held / full) * 100:.0f}%" if full else "n/a"
+def kv_share(saved: float, overhead: float) -> str:
+    """'41% saved', or '12% overhead' when a short sequence holds more than a full cache would (a partly
+    filled block per layer and head, and position indices): never a negative saving."""
+    return f"{overhead:.0%} overhead" if overhead > 0 else f"{saved:.0%} saved"
+
+
+def kv_line(held: int, full: int, saved: float, overhead: float) -> str:
+    return f"KV {human_bytes(held)} held vs {human_bytes(full)} full ({kv_share(saved, overhead)})"
 
 
 def bar(value: float, top: float, width: int = 32) -> str:
@@ -42,6 +49,24 @@ def layer_chart(kept: list[list[int]], seen: int, width: int = 32) -> list[str]:
 def turn_line(result) -> str:
     """The dim line after each answer."""
     kv = result.kv
-    return (f"{result.completion_tokens} tok · {result.timing['tokens_per_s']:.1f} tok/s · "
-            f"KV {human_bytes(kv['bytes_held'])} held vs {human_bytes(kv['bytes_full'])} full "
-            f"({saved_pct(kv['bytes_held'], kv['bytes_full'])} saved)")
+    return (f"{result.completion_tokens} tok · {result.timing['decode_tokens_per_s']:.1f} tok/s decode · "
+            + kv_line(kv["bytes_held"], kv["bytes_full"], kv["saved"], kv["overhead"]))
+
+
+def prefill_progress(write, at_least: int = 1024):
+    """An `on_progress(done, total)` that shows how far a long prompt has been read, on one line that is
+    erased when reading ends (short prompts show nothing: they take under a second or two)."""
+    shown = {"on": False}
+
+    def show(done: int, total: int) -> None:
+        if total < at_least:
+            return
+        if done >= total:
+            if shown["on"]:
+                write("\r\033[K")
+                shown["on"] = False
+            return
+        write(f"\r[reading {total:,} tokens: {done / total:.0%} · Ctrl-C stops]")
+        shown["on"] = True
+
+    return show

@@ -124,6 +124,6 @@ def embedded(models_dir):
 
 
 def chat_ids(lm, text: str, system: str | None = None) -> list[int]:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    s = lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return lm.tokenizer(s, add_special_tokens=False)["input_ids"]
+    from kvchat.templating import prompt_ids
+
+    return prompt_ids(lm.tokenizer, [{"role": "user", "content": text}], system)

@@ -54,6 +54,12 @@ def test_openai_lines_keep_custom_id_and_map_options():
     ('{"id": "a", "prompt": "x", "temperature": -1}', "'temperature' must be a number >= 0"),
     ('{"id": "a", "prompt": "x", "top_p": 0}', "'top_p' must be a number in (0, 1]"),
     ('{"id": "a", "prompt": "x", "stop": [1]}', "'stop' must be a string or a list of strings"),
+    ('{"id": "a", "prompt": "x", "top_p": {}}', "'top_p' must be a number in (0, 1], got {}"),  # braces: no str.format
+    ('{"id": "a", "prompt": "x", "temperature": NaN}', "'temperature' must be a number >= 0, got NaN"),
+    ('{"id": "a", "prompt": "x", "seed": 18446744073709551616}', "'seed' must be an integer in [-2**63, 2**64)"),
+    ('{"id": "a", "prompt": "x", "max_new_tokens": 1e999}', "'max_new_tokens' must be an integer >= 1, got Infinity"),
+    ('{"id": "a", "prompt": ' + "1" * 5000 + "}", "invalid JSON (a number too long to read"),
+    ("[" * 50_000, "invalid JSON (nested too deeply)"),
     ('{"id": "a", "prompt": "x", "colour": "red"}', "unknown field 'colour'"),
     ('{"id": [1], "prompt": "x"}', "'id' must be a string or an integer"),
     ('{"id": "a"}', "give exactly one of 'prompt'"),
@@ -114,40 +120,74 @@ def test_writer_orders_and_writes_whole_lines():
     assert f.getvalue().endswith(b"\n") and w.written == 3
 
 
-def test_read_done_truncates_a_partial_last_line(tmp_path):
+def test_read_done_reads_a_results_file_without_changing_it(tmp_path):
     p = tmp_path / "out.jsonl"
-    p.write_bytes(b'{"id": "a", "text": "x"}\n{"id": 2, "error": {}}\n{"id": "c", "te')
-    assert read_done(str(p)) == {'"a"', "2"}
-    assert p.read_bytes() == b'{"id": "a", "text": "x"}\n{"id": 2, "error": {}}\n'
-    assert read_done(str(tmp_path / "missing.jsonl")) == set()
-    p.write_bytes(b"garbage\n")
-    with pytest.raises(ValueError, match="line 1 is not a kvchat result line"):
-        read_done(str(p))
+    data = b'{"id": "a", "text": "x"}\n{"id": 2, "error": {}}\n{"id": "c", "te'
+    p.write_bytes(data)
+    done = read_done(str(p))
+    assert done.records == [('"a"', True), ("2", False)] and done.ids == {'"a"', "2"} and done.errors({"2"}) == 1
+    assert (done.end, done.size) == (data.rindex(b"\n") + 1, len(data))  # the partial line is cut on append
+    assert p.read_bytes() == data
+    assert read_done(str(tmp_path / "missing.jsonl")).records == []
+    for bad, why in [(b"garbage\n", "line 1 is not JSON"), (b'{"id": "q", "prompt": "x"}\n', "are IN and OUT swapped"),
+                     (b'{"id": "a", "text": "x"}\nnotes', "line 2, no newline"), (b"\xff\xfe{}\n", "line 1 is not UTF-8")]:
+        p.write_bytes(bad)
+        with pytest.raises(ValueError, match=why):
+            read_done(str(p))
+        assert p.read_bytes() == bad
 
 
-def test_summary_text_has_every_figure():
-    s = {"prompts": 3, "ok": 2, "errors": 1, "skipped": 4, "interrupted": False, "prompt_tokens": 100,
-         "completion_tokens": 20, "wall_s": 2.0, "tokens_per_s": 10.0, "max_concurrent": 2, "profile": "window",
-         "kv": {"peak_bytes_held": 2_000_000, "peak_bytes_full": 4_000_000, "peak_saved": 0.5,
-                "avg_bytes_held": 1_000_000, "avg_bytes_full": 4_000_000, "avg_saved": 0.75}}
+def test_summary_text_has_every_figure_in_one_unit_and_overhead_is_not_a_negative_saving():
+    MiB = 2**20
+    s = {"prompts": 3, "ok": 2, "errors": 1, "skipped": 4, "skipped_errors": 1, "interrupted": False,
+         "prompt_tokens": 100, "completion_tokens": 20, "wall_s": 2.0, "tokens_per_s": 10.0, "max_concurrent": 2,
+         "profile": "window",
+         "kv": {"peak_bytes_held": 2 * MiB, "peak_bytes_full": 4 * MiB, "peak_saved": 0.5, "peak_overhead": 0.0,
+                "avg_bytes_held": 4.4 * MiB, "avg_bytes_full": 4 * MiB, "avg_saved": 0.0, "avg_overhead": 0.1}}
     t = summary_text(s)
-    for part in ("3 prompts", "2 ok", "1 errors", "4 skipped", "100 prompt", "20 generated", "10.0 tokens/s",
-                 "up to 2", "peak 2.0 MB held vs 4.0 MB full (50% saved)", "average 1.0 MB vs 4.0 MB (75% saved)"):
+    for part in ("3 prompts", "2 ok", "1 errors", "4 skipped", "1 of them error records", "100 prompt", "20 generated",
+                 "10.0 tokens/s over the run", "up to 2", "peak 2.0 MiB held vs 4.0 MiB full (50% saved)",
+                 "average 4.4 MiB vs 4.0 MiB (10% overhead)"):
         assert part in t, part
+    assert "-" not in t and " MB" not in t
+
+
+def test_usage_reports_rounding_as_overhead_and_one_saved_formula():
+    from kvchat.cache.usage import Usage
+    from kvchat.stats import kv_line, turn_line
+
+    over, under = Usage(1_200, 1_000, 1_200, 1_000), Usage(250, 1_000, 300, 1_000)
+    assert (over.saved, over.overhead, under.saved, under.overhead) == (0.0, 0.2, 0.75, 0.0)
+    assert kv_line(over.held, over.full, over.saved, over.overhead) == "KV 1.2 KiB held vs 1,000 B full (20% overhead)"
+    rec = under.record("window")
+    assert rec["saved"] == 0.75 and rec["overhead"] == 0.0
+
+    class R:  # what the REPL prints after an answer: one named rate, one unit
+        completion_tokens, timing, kv = 5, {"decode_tokens_per_s": 12.5}, over.record("full")
+
+    assert turn_line(R) == "5 tok · 12.5 tok/s decode · KV 1.2 KiB held vs 1,000 B full (20% overhead)"
 
 
 def test_resume_with_nothing_left_loads_no_model(tmp_path, monkeypatch):
-    import kvchat.cli
+    import kvchat.loading
 
-    def no_model(opts):
-        raise AssertionError("loaded the model")
+    class Loaded(Exception):
+        pass
 
-    monkeypatch.setattr(kvchat.cli, "setup", no_model)
-    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\nnot json\n')
-    (tmp_path / "out.jsonl").write_text('{"id": "a", "text": "hello"}\n{"id": 2, "error": {}}\n')
-    r = CliRunner().invoke(main, ["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--resume",
-                                  "--summary", str(tmp_path / "s.json")])
-    assert r.exit_code == 0, r.output
-    assert "0 prompts" in r.stderr and "2 skipped" in r.stderr
+    def setup(opts):  # batch imports kvchat.loading.setup when it needs the model
+        raise Loaded
+
+    monkeypatch.setattr(kvchat.loading, "setup", setup)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hi"}\nnot json\n')
+    out.write_text('{"id": "a", "text": "hello", "finish_reason": "stop"}\n{"id": 2, "error": {}}\n')
+    r = CliRunner().invoke(main, ["batch", str(inp), str(out), "--resume", "--summary", str(tmp_path / "s.json")])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert r.exit_code == 3, r.output  # nothing left to run; OUT holds one error record
+    assert "0 prompts" in r.stderr and "2 skipped" in r.stderr and "1 of them error records" in r.stderr
     assert json.loads((tmp_path / "s.json").read_text())["skipped"] == 2
-    assert (tmp_path / "out.jsonl").read_text().count("\n") == 2
+    assert out.read_text().count("\n") == 2
+    # The patch is the one batch uses: with a line left to run, it loads.
+    out.write_text('{"id": 2, "error": {}}\n')
+    r = CliRunner().invoke(main, ["batch", str(inp), str(out), "--resume"])
+    assert isinstance(r.exception, Loaded)

@@ -86,13 +86,15 @@ def test_top_k_one_is_greedy():
     assert k1 == greedy
 
 
-def test_prompt_longer_than_context_is_a_clear_error_unless_truncated():
+def test_prompt_longer_than_context_is_a_clear_error():
+    """The engine never cuts ids itself (it cannot tell a template's framing from message text):
+    kvchat.templating cuts message text for --truncate left."""
     lm = tiny_model("llama")
     long = list(range(1, 300)) * 2  # 598 tokens > 512 positions (vocab 320)
     with pytest.raises(PromptTooLong, match=r"prompt is 598 tokens; model max is 512 \(use --truncate left\)"):
         Engine(lm, Profile("full")).generate(long, SamplingParams(max_new_tokens=4))
-    res = Engine(lm, Profile("full"), truncate="left").generate(long, SamplingParams(max_new_tokens=4))
-    assert res.prompt_tokens == 512 - 4 and len(res.token_ids) == 4
+    res = Engine(lm, Profile("full")).generate(long[:511], SamplingParams(max_new_tokens=4))
+    assert res.prompt_tokens == 511 and res.finish_reason == "length"
 
 
 def test_generation_stops_at_context_end():

@@ -75,11 +75,15 @@ def make_store(lengths, block_size, D, dtype, extra_blocks=2, seed=0):
     return (k.to(dev), v.to(dev), table.view(B, Hkv, max_blocks).to(dev), lengths.to(dev), bias.to(dev))
 
 
-def test_runs_under_interpreter_without_cuda():
-    if not CUDA:
-        for kernel in (PA._decode_partial_kernel, PA._decode_merge_kernel, PA._decode_colsum_kernel,
-                       PF._prefill_kernel, PF._prefill_rows_kernel, SO._store_write_kernel, SO._store_gather_kernel):
-            assert isinstance(kernel, InterpretedFunction)
+def test_kernels_run_interpreted_without_cuda_and_compiled_with_it():
+    from triton.runtime.jit import JITFunction
+
+    for kernel in (PA._decode_partial_kernel, PA._decode_merge_kernel, PA._decode_colsum_kernel,
+                   PF._prefill_kernel, PF._prefill_rows_kernel, SO._store_write_kernel, SO._store_gather_kernel):
+        if CUDA:  # compiled for the GPU: the tests below then check the real kernels, not the interpreter
+            assert isinstance(kernel, JITFunction) and not isinstance(kernel, InterpretedFunction), kernel
+        else:
+            assert isinstance(kernel, InterpretedFunction), kernel
 
 
 # ---- paged decode attention ------------------------------------------------------------------------

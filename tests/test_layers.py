@@ -17,7 +17,7 @@ LAYERS = [  # top first; a module may import its own layer and those after it
     ["kvchat.cli"],
     ["kvchat.repl"],
     ["kvchat.commands", "kvchat.batch", "kvchat.loading"],
-    ["kvchat.session", "kvchat.batch_io", "kvchat.stats"],
+    ["kvchat.session", "kvchat.batch_io", "kvchat.stats", "kvchat.templating", "kvchat.quality"],
     ["kvchat.engine"],
     ["kvchat.profiles"],
     ["kvchat.methods"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -19,50 +18,12 @@ from kvchat.cache.usage import Usage
 from kvchat.engine.forward import PrefillStopped, Runner
 from kvchat.engine.layout import build_formats, resolve_aliases
 from kvchat.engine.probe import Probe
-from kvchat.engine.sampling import SamplingParams, find_stop, sample
+from kvchat.engine.forcing import Forcing
+from kvchat.engine.detok import Detokenizer, StopMatcher
+from kvchat.engine.sampling import SamplingParams, sample
+from kvchat.engine.seq import Request, Result, Seq, logprobs_of
 from kvchat.errors import PromptTooLong
 from kvchat.profiles import Profile, fresh
-
-
-@dataclass
-class Request:
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class Result:
-    id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # stop | length
-    prompt_tokens: int
-    kv: dict
-    timing: dict
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class Seq:
-    """A live sequence in a slot."""
-
-    req: Request
-    slot: int
-    pos: int = 0  # next position
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # chars of `text` already streamed
-    last: int | None = None  # sampled, not yet fed
-    n_fed: int = 0  # tokens of `out` already fed through the model (in the store)
-    finish: str | None = None
-    gen: torch.Generator | None = None
-    t0: float = 0.0
-    t_prefill: float = 0.0
-    prefilled: int = 0
 
 
 TokenCallback = Callable[[str, str], None]  # (request id, text delta)
@@ -77,15 +38,15 @@ class PrefillInterrupted(Exception):
         self.whole = whole
 
 
-class Engine:
+class Engine(Forcing):
     """Owns the model runner, the store and the methods of one profile."""
 
     def __init__(self, lm, profile: Profile, max_slots: int = 1, block_size: int = 16, prefill_chunk: int | None = None,
-                 truncate: str | None = None, progress=None):
+                 progress=None, runner: Runner | None = None):
         self.lm, self.desc, self.tok = lm, lm.desc, lm.tokenizer
         self.profile = fresh(profile)
         self.methods = self.profile.methods
-        self.runner = Runner(lm, self.methods, max_slots=max_slots)
+        self.runner = runner or Runner(lm, self.methods, max_slots=max_slots)
         self.probe = Probe(self.runner, lm, progress)
         for m in self.methods:
             m.bind(self.desc, self.probe)
@@ -97,28 +58,27 @@ class Engine:
                              formats=formats, listeners=self.methods)
         self.max_slots = max_slots
         self.prefill_chunk = prefill_chunk
-        self.truncate = truncate
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.max_ctx = self.desc.max_positions
         self.peak_live = 0
 
     # ---- one sequence ------------------------------------------------------------------------------
     def check_prompt(self, req: Request, past: int = 0) -> list[int]:
-        """The ids to prefill after `past` tokens already in the slot; errors name the numbers."""
+        """The ids to prefill after `past` tokens already in the slot; errors name the numbers. Cutting a
+        long prompt is the caller's (kvchat.templating): only it knows the template's framing from the text."""
         n, limit = len(req.prompt_ids), self.max_ctx - past
         if n == 0:
             raise PromptTooLong("prompt is empty (0 tokens); give some text")
         if n < limit:
             return req.prompt_ids
-        if self.truncate == "left" and past == 0:
-            keep = limit - min(req.params.max_new_tokens, limit // 2)
-            return req.prompt_ids[-keep:]
         if past:
             raise PromptTooLong(f"conversation would reach {past + n:,} tokens; model max is {self.max_ctx:,} (use /reset)")
         raise PromptTooLong(f"prompt is {n:,} tokens; model max is {limit:,} (use --truncate left)")
 
-    def prefill(self, seq: Seq, ids: list[int], should_stop=None, on_progress=None) -> torch.Tensor:
-        """Feed `ids` on top of the slot's store; -> logits for the next token.
+    def prefill(self, seq: Seq, ids: list[int], should_stop=None, on_progress=None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` on top of the slot's store; -> logits for the next token, or with `all_logits`
+        (len(ids), vocab) logits predicting each token after each of `ids` (teacher forcing).
 
         `on_progress(done, total)` is told the prompt tokens' progress (layer by layer, so a long
         single-chunk prompt still moves); `should_stop()` is asked between layers: True rolls the
@@ -127,6 +87,7 @@ class Engine:
         chunk = self.prefill_chunk or len(ids)
         dev = self.desc.device
         L = self.desc.n_layers
+        parts = []
         for i in range(0, len(ids), chunk):
             part = ids[i : i + chunk]
 
@@ -139,10 +100,15 @@ class Engine:
             hook = between_layers if (should_stop or on_progress) else None
             try:
                 logits = self.runner.prefill(self.store, seq.slot, torch.tensor(part, device=dev), pos,
-                                             should_stop=hook)
+                                             out="logits" if all_logits else "last", should_stop=hook)
             except PrefillStopped as stop:
                 self._roll_back(seq.slot, stop.layer)
                 raise PrefillInterrupted(whole=i == 0) from None
+            if all_logits:
+                if logits.shape[0] != len(part):
+                    raise ValueError(f"a method dropped {len(part) - logits.shape[0]} of {len(part)} tokens' "
+                                     "hidden states: per-position logits need a profile that keeps them (full)")
+                parts.append(logits)
             seq.pos += len(part)
             self.store.seen[seq.slot] += len(part)
             for m in self.methods:
@@ -152,7 +118,16 @@ class Engine:
         self.store.trim()
         seq.prefilled += len(ids)
         seq.t_prefill += time.perf_counter() - t
-        return logits
+        return torch.cat(parts) if all_logits else logits
+
+    def positions_held(self, slot: int) -> int:
+        """How many distinct positions the tokens `slot` holds span (what `reposition` re-indexes to)."""
+        return int(self._held_positions(slot).numel())
+
+    def _held_positions(self, slot: int) -> torch.Tensor:
+        st = self.store
+        return torch.unique(torch.cat([st.read(l, slot, h).pos.long() for l in st.owned_layers()
+                                       for h in range(self.desc.n_kv_heads)]))  # sorted
 
     def reposition(self, slot: int) -> int:
         """Re-index the tokens `slot` holds to consecutive positions 0..n-1 (in order; the same token keeps
@@ -161,8 +136,7 @@ class Engine:
         A compressing profile holds far fewer tokens than it has seen: this lets a conversation go on past
         the model's max positions (StreamingLLM's positions within the cache)."""
         st = self.store
-        held = torch.unique(torch.cat([st.read(l, slot, h).pos.long() for l in st.owned_layers()
-                                       for h in range(self.desc.n_kv_heads)]))  # sorted
+        held = self._held_positions(slot)
         rank = lambda old: torch.searchsorted(held, old.long())  # noqa: E731
         for l in st.owned_layers():
             st.format(l).reposition(slot, rank, self.runner.rotate)
@@ -175,17 +149,23 @@ class Engine:
                 start = self.store.chunk_start[layer]
                 self.store.compact(layer, slot, [torch.arange(n) for n in start])
         self.store.stats = {}
+        self.store.trim()  # give back the blocks the chunk took
 
     def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None) -> None:
         p = seq.req.params
         tok = sample(logits, p, seq.gen)
+        if seq.trace is not None:
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(seq.req.logprobs, logits.shape[-1]))
+            seq.trace.append((tok, top.values, top.indices.to(torch.int32)))
         if tok in self.lm.eos_ids:
             seq.finish = "stop"
             self._emit(seq, on_token, final=True)
             return
         seq.out.append(tok)
-        seq.text = self.tok.decode(seq.out, skip_special_tokens=True)
-        cut = find_stop(seq.text, p.stop)
+        if seq.detok is None:
+            seq.detok, seq.stops = Detokenizer(self.tok), StopMatcher(p.stop)
+        seq.text = seq.detok.add(tok)
+        cut = seq.stops.find(seq.text, stable=len(seq.detok.committed))
         if cut >= 0:
             seq.text, seq.finish = seq.text[:cut], "stop"
         elif len(seq.out) >= p.max_new_tokens or seq.pos + 1 >= self.max_ctx:
@@ -216,8 +196,9 @@ class Engine:
         fresh_slot = slot is None
         if fresh_slot:
             slot = self.free_slots.pop()
-        seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter())
-        seq.req = Request(req.id, ids, req.params)
+        seq = Seq(req=req, slot=slot, pos=pos, gen=req.params.generator(), t0=time.perf_counter(),
+                  trace=[] if req.logprobs > 0 else None)
+        seq.req = Request(req.id, ids, req.params, req.logprobs)
         try:
             logits = self.prefill(seq, ids, should_stop, on_progress)
         except PrefillInterrupted:
@@ -277,9 +258,16 @@ class Engine:
         return Result(
             id=seq.req.id, text=seq.text, token_ids=list(seq.out), finish_reason=seq.finish or "length",
             prompt_tokens=len(seq.req.prompt_ids), kv=self.usage(seq.slot).record(self.profile.name),
+            # Per sequence: its tokens over its own decode seconds, which it shares with the other
+            # sequences decoding (and prefilling) beside it; a batch run's throughput is the summary's.
             timing={"prefill_s": round(seq.t_prefill, 4), "decode_s": round(decode_s, 4),
-                    "tokens_per_s": round(n / decode_s, 2) if n else 0.0},
+                    "decode_tokens_per_s": round(n / decode_s, 2) if n else 0.0},
+            logprobs=logprobs_of(seq.trace) if seq.trace else None,
         )
+
+    def clear(self, slot: int) -> None:
+        """Drop everything `slot` holds (a new conversation in a slot the caller keeps)."""
+        self.store.free_slot(slot)
 
     def release(self, seq: Seq) -> None:
         self.store.free_slot(seq.slot)

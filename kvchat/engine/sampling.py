@@ -28,7 +28,10 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int
     not depend on which other requests share the batch."""
     if p.temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / p.temperature
+    scaled = logits / p.temperature
+    if not torch.isfinite(scaled.max()):  # a temperature so small the logits overflow: that is greedy
+        return int(torch.argmax(logits))
+    logits = scaled
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -39,9 +42,3 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def find_stop(text: str, stops) -> int:
-    """Index where the earliest stop string starts in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1

@@ -33,6 +33,12 @@ class Probe:
         self.progress = progress or (lambda msg: None)
         self._runner = runner
 
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype | None = None):
+        """cos, sin (N, 1, D) at `positions` in `dtype` (the model's by default): what the forward multiplies
+        keys by, from the model's own rotary embedding (a format storing keys before RoPE rotates them)."""
+        x = torch.empty(0, dtype=dtype or self.desc.dtype, device=self.desc.device)
+        return self._runner._rope_tables(x, positions.to(self.desc.device))
+
     @torch.no_grad()
     def run(self, ids, rows: int = 0, aliases: dict[int, int] | None = None, trace=None, out: str = "hidden"):
         """Prefill `ids` (T,) in a fresh one-slot store; -> final normed hidden states (T, hidden), or the

@@ -1,6 +1,7 @@
 """KV-cache methods, one file each. `REGISTRY` maps the keys under a profile's `methods:` to classes."""
 
 from kvchat.methods.base import Method, PrefillCtx
+from kvchat.methods.cskv import CSKV
 from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
 from kvchat.methods.kivi import Kivi
@@ -19,6 +20,7 @@ REGISTRY: dict[str, type[Method]] = {
     Kivi.name: Kivi,
     KVQuant.name: KVQuant,
     KVSharer.name: KVSharer,
+    CSKV.name: CSKV,
 }
 
 __all__ = ["REGISTRY", "Method", "PrefillCtx"]

@@ -6,7 +6,9 @@ KVCHAT_HOME (history, calibrations) whose `models/` points at that shared conver
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
 import pytest
@@ -127,3 +129,12 @@ def chat_ids(lm, text: str, system: str | None = None) -> list[int]:
     from kvchat.templating import prompt_ids
 
     return prompt_ids(lm.tokenizer, [{"role": "user", "content": text}], system)
+
+
+def bench_module(name: str = "bench_methods"):
+    """A benchmark script under benchmarks/ as a module: model tests reuse its prompts and runners."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

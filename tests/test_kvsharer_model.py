@@ -7,31 +7,21 @@ KVCHAT_HOME/calibrations); the three profiles use the same parameters, so the sa
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import chat_ids
+from conftest import bench_module, chat_ids
 from kvchat.calibration.cache import read_json
 from kvchat.engine import Engine, SamplingParams
 from kvchat.engine.probe import make_probe
 from kvchat.methods.kvsharer import KVSharer
 from kvchat.profiles import Profile
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.model]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+bench = bench_module()
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,15 @@ The needle tests run benchmarks/bench_methods.py's six depths (issue 6: each met
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
+
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+bench = bench_module()
 TARGET = {"pyramid": 0.50, "razor": 0.35, "d2o": 0.40}
 
 

@@ -11,24 +11,16 @@ retrieval heads, so one bfloat16 prefill of the real model checks them here.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
+
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+bench = bench_module()
 
 
 @pytest.mark.parametrize("name", ["razor-kivi4"])

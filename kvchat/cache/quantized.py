@@ -15,8 +15,20 @@ import torch
 from kvchat_kernels.kv_quant import unpack_dequantize
 from kvchat_kernels.quant_attention import Sealed, Tail, quant_decode_attention
 from kvchat.cache.sealed import SealedFormat
+from kvchat.errors import ProfileError
 
 POOLS = ("kc", "ks", "ko", "vc", "vs", "vo")
+
+
+def check_shape(method: str, bits: int, group: int, desc, groups_of: str, fix_bits: int) -> None:
+    """One-line ProfileErrors for a quantizer whose bits or channel groups don't fit the model's heads."""
+    D = desc.head_dim
+    if D * bits % 8:
+        raise ProfileError(f"{method}.bits {bits} cannot pack head_dim {D} of {desc.name} into whole bytes "
+                           f"(use bits {fix_bits})")
+    if D % group:
+        raise ProfileError(f"{method}.group must divide head_dim ({D}) of {desc.name}: {groups_of} in groups of "
+                           f"that many channels, got {group}")
 
 
 class QuantizedFormat(SealedFormat):

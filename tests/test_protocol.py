@@ -42,7 +42,10 @@ COMPRESSING = {
 FORMATS = {"half": lambda: Half(residual=8, group=8), "kivi": lambda: Kivi(bits=4, group=8, residual=8),
            "kvquant": lambda: KVQuant(bits=4, group=8, block=8),
            "cskv": lambda: CSKV(k_density=0.5, v_density=0.25, window=8, group=8, calib_samples=2,
-                                calib_tokens=64, train_steps=0)}
+                                calib_tokens=64, train_steps=0),
+           # a variant of a method is "name:variant": its features quantized (profile cskv-kivi4)
+           "cskv:kivi4": lambda: CSKV(k_density=0.5, v_density=0.5, window=8, group=8, calib_samples=2,
+                                      calib_tokens=64, train_steps=0, bits=4, qgroup=4)}
 # Layouts: threshold -1 accepts every share the search tries, so exactly `layers` layers share.
 LAYOUTS = {"kvsharer": lambda: KVSharer(layers=2, threshold=-1.0, samples=2, tokens=24)}
 
@@ -115,7 +118,7 @@ def run_checked(lm, methods, prompts, steps=30, turns=1):
 # ---- the registry-driven matrix ------------------------------------------------------------------------
 def test_every_method_has_a_role_and_keep_all_settings():
     assert set(COMPRESSING) == set(by_role("policy")), "every policy needs a compressing instance here"
-    assert set(FORMATS) == set(by_role("format")), "every format needs an instance here"
+    assert {f.split(":")[0] for f in FORMATS} == set(by_role("format")), "every format needs an instance here"
     assert set(LAYOUTS) == set(by_role("layout")), "every layout needs an instance here"
     for name, cls in REGISTRY.items():
         assert cls.role in ROLES, name
@@ -147,7 +150,7 @@ def test_policy_next_to_keep_all_other_equals_policy_alone(lm, home, a, b):
 def test_policy_over_format_equals_policy_when_the_format_keeps_all(lm, home, pol, fmt):
     ids = prompt()
     alone, eng = generate(lm, [COMPRESSING[pol]()], ids)
-    got, eng2 = generate(lm, [COMPRESSING[pol](), REGISTRY[fmt].keep_all()], ids)
+    got, eng2 = generate(lm, [COMPRESSING[pol](), REGISTRY[fmt.split(":")[0]].keep_all()], ids)
     assert got.token_ids == alone.token_ids and eng2.store.tokens_kept(0) == eng.store.tokens_kept(0)
 
 
@@ -404,6 +407,7 @@ def test_rotating_a_key_moves_it_to_another_position(lm):
 
 
 @pytest.mark.parametrize("names,shrinks", [(["window"], True), (["window", "half"], True), (["window", "cskv"], True),
+                                           (["window", "cskv:kivi4"], True),
                                            # a full layer (pyramid's first, d2o's edges) or head (razor's
                                            # retrieval heads) holds every position: nothing to close
                                            (["pyramidinfer", "half"], False), (["razor", "d2o"], False),

@@ -22,8 +22,9 @@ only (their keys are stored before RoPE).
 
 Deviations from the paper: ranks are per KV head, not one rank jointly over all heads (policies evict per
 head, so one token's feature cannot span heads); the factors carry a mean (affine), which the paper's
-A B lacks. For a quantizer (cskv-kivi4): override `token_specs` / `group_specs`, `encode_features` and
-`decode_features`, the only places the feature rows are written and read.
+A B lacks. `bits` 2 or 4 quantizes the feature rows the KIVI way (methods/cskv_quant.py, profile
+cskv-kivi4): it overrides `token_specs` / `group_specs`, `encode_features` and `decode_features`, the only
+places the feature rows are written and read.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kvchat.cache.sealed import SealedFormat
 from kvchat.calibration.cache import cache_path, read_tensors, write_tensors
 from kvchat.calibration.cskv import moments, pca_factors, refine
 from kvchat.calibration.data import data_key, samples
-from kvchat.errors import KvchatError
+from kvchat.errors import KvchatError, ProfileError
 from kvchat.methods.base import Method
 
 FACTORS = ("k_mu", "k_down", "k_up", "v_mu", "v_down", "v_up")
@@ -268,6 +269,8 @@ class CSKV(Method):
     lr: float = 1e-3
     refine_samples: int = 2
     data: str | None = None
+    bits: int = 0  # 0: features in the model's dtype; 2 or 4: packed KIVI codes (methods/cskv_quant.py)
+    qgroup: int = 32  # with bits: value feature channels sharing a scale (capped at the value rank)
 
     def __post_init__(self):
         self._float("k_density", lo=0.0, hi=1.0, lo_open=True)
@@ -281,6 +284,10 @@ class CSKV(Method):
         self._int("train_steps", lo=0)
         self._float("lr", lo=0.0, lo_open=True)
         self._int("refine_samples", lo=1)
+        self._int("bits")
+        if self.bits not in (0, 2, 4):
+            raise self._err("bits", "must be 0 (no quantization), 2 or 4", self.bits)
+        self._int("qgroup", lo=1)
         if self.data is not None and not isinstance(self.data, str):
             raise self._err("data", "must be a file path", self.data)
 
@@ -350,6 +357,16 @@ class CSKV(Method):
 
     def make_format(self, layer, n_slots, block_size, desc, with_bias, pinned):
         fac = {n: t[layer] for n, t in self.factors.items()}
-        return CSKVFormat(n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device, with_bias,
-                          factors=fac, rope=self.rope, group=self.group, residual=self.window,
-                          pinned=max(pinned, self.sink))
+        kw = dict(factors=fac, rope=self.rope, group=self.group, residual=self.window, pinned=max(pinned, self.sink))
+        args = (n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device, with_bias)
+        if not self.bits:
+            return CSKVFormat(*args, **kw)
+        from kvchat.methods.cskv_quant import QuantFeatureFormat
+
+        rk, rv = self.ranks(desc.head_dim)
+        qg = min(self.qgroup, rv)
+        if (rk * self.bits) % 8 or (rv * self.bits) % 8 or rv % qg:
+            raise ProfileError(f"cskv.bits {self.bits}: ranks {rk} (keys) and {rv} (values) of {desc.name} must pack "
+                               f"into whole bytes and the value rank must be a multiple of qgroup {qg}; pick densities "
+                               f"that give ranks divisible by {max(8 // self.bits, qg)}")
+        return QuantFeatureFormat(*args, bits=self.bits, qgroup=qg, **kw)

@@ -73,6 +73,10 @@ class DenseFormat(Format):
     def compact(self, slot: int, keep: list[torch.Tensor]) -> None:
         self.pages.compact(slot, keep)
 
+    def check(self, slot: int) -> None:
+        super().check(slot)
+        self.pages.check(slot)
+
     def free_slot(self, slot: int) -> None:
         self.pages.free_slot(slot)
 

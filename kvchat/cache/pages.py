@@ -81,6 +81,16 @@ class PagedPools:
                 ids.update(self.table[s, h, :n].tolist())
         return ids
 
+    def check(self, slot: int) -> None:
+        """Invariants tests assert after every step: the host bookkeeping and the device copies agree."""
+        for h in range(self.n_heads):
+            n, ids = self.host[slot][h], self.blocks[slot][h]
+            if len(ids) != -(-n // self.bs) or self.table[slot, h, : len(ids)].tolist() != ids:
+                raise AssertionError(f"pages: slot {slot} head {h}: host blocks {ids} for {n} tokens, "
+                                     f"table {self.table[slot, h].tolist()}")
+        if self.lengths[slot].tolist() != self.host[slot]:
+            raise AssertionError(f"pages: slot {slot}: lengths {self.lengths[slot].tolist()} != host {self.host[slot]}")
+
     # ---- blocks ------------------------------------------------------------------------------------
     def _grow(self, missing: int) -> None:
         old = self.capacity

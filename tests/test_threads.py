@@ -46,6 +46,11 @@ def test_the_policy_backs_off_while_another_process_is_busy_and_returns(monkeypa
         m.others = 0.0
         m.advance(0.6)
         assert th.before_step() == 2 and torch.get_num_threads() == 2
+        m.others = 1.0
+        m.advance(0.6)
+        assert th.before_step() == 1
+        m.advance(5.0, own=0.0)  # a long pause (another program ran, busy): not held against the next steps
+        assert th.before_step() == 2
         torch.set_num_threads(1)  # the caller lowered the ceiling itself: the policy keeps to it
         m.advance(0.6)
         assert th.before_step() == 1

@@ -63,6 +63,13 @@ class Threads:
         s = self.sample()
         if s is None:
             return self.current
+        if self.last is not None and now - self.last[0] > 4 * self.interval:
+            # Idle for a while (between requests, or while another program ran): what happened then
+            # says nothing about now. Start again from every thread and look at the next interval.
+            self.last = None
+            if self.current != self.max:
+                torch.set_num_threads(self.max)
+                self.current = self.max
         if self.last is not None:
             dt = now - self.last[0]
             others = max(0.0, (s[0] - self.last[1]) - (s[1] - self.last[2])) / max(dt, 1e-6)

@@ -49,8 +49,7 @@ class SealedAttention:
             chunks.append((scores, valid))
         return part, chunks
 
-    def attend_decode(self, q, slots_t, scale, colsum=False):
-        slots = slots_t.tolist()
+    def attend_decode(self, q, slots, slots_t, scale, colsum=False):
         B, Hq, D = q.shape
         H = self.n_kv
         G = Hq // H

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvchat_kernels.dispatch import choose_impl
+from kvchat_kernels.store_ops import index_rows
 
 try:
     import triton
@@ -31,9 +32,9 @@ except Exception:  # pragma: no cover - machines without triton use the referenc
 
 def _gather(pool: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     # (B, H_kv, MB) block ids -> (B, H_kv, MB * block_size, ...). index_select copies whole blocks
-    # 3-7x faster than advanced indexing on CPU (measured at 1.5k blocks, fp32 and bf16); it takes the
-    # int32 table as it is.
-    g = pool.index_select(0, bt.reshape(-1))
+    # 3-7x faster than advanced indexing on CPU, and takes the int32 table as it is (index_rows: and
+    # float32 as fast as the rest).
+    g = index_rows(pool, bt.reshape(-1))
     return g.view(*bt.shape[:2], -1, *pool.shape[2:])
 
 

@@ -28,12 +28,14 @@ def tokens(lm, profile, prompts, steps=24):
 
 
 def test_bfloat16_layout_is_packed_where_onednn_computes_it(monkeypatch):
-    want = "packed" if packing_works() else "rows"
-    assert choose_layout(torch.bfloat16, torch.device("cpu"), 1) == want
+    cpu = torch.device("cpu")
+    assert choose_layout(torch.bfloat16, cpu, 1) == ("packed" if packing_works() else "rows")
+    assert choose_layout(torch.float32, cpu, 1) == "transposed"
+    assert choose_layout(torch.float32, cpu, 3) == "rows"
+    assert choose_layout(torch.float32, cpu, 8) == "rows"
     monkeypatch.setenv("KVCHAT_PACK", "0")
-    assert choose_layout(torch.bfloat16, torch.device("cpu"), 1) == "rows"
-    assert choose_layout(torch.float32, torch.device("cpu"), 1) == "transposed"
-    assert choose_layout(torch.float32, torch.device("cpu"), 8) == "rows"
+    assert choose_layout(torch.bfloat16, cpu, 1) == "rows"
+    assert choose_layout(torch.float32, cpu, 8) == "rows"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # qwen2: Q/K/V biases; qwen3: q/k norms
@@ -79,10 +81,11 @@ def test_a_layer_reading_another_layers_store_gets_its_q_rows_from_packed_weight
         assert lw.q.built.packed and lw.q.built.w.shape == (lw.q.n_q, plain.desc.hidden)
 
 
-def test_the_layout_is_built_once_per_model_and_hf_forward_then_says_why_it_cannot_run():
-    lm = bf16_model()
+def test_the_layout_is_built_once_per_model_and_hf_forward_gets_its_weights_back():
+    lm, twin = bf16_model(), bf16_model()
+    ids = torch.tensor([[5, 9, 2, 77, 31]])
+    want = twin.hf(ids).logits
     w1 = Weights.of(lm, 1)
     assert Weights.of(lm, 8) is w1  # bfloat16 has one layout at every batch size
-    if w1.layout == "packed":
-        with pytest.raises(RuntimeError, match="packed for kvchat's runner"):
-            lm.hf(torch.tensor([[1, 2, 3]]))
+    got = lm.hf(ids).logits  # packed weights are unpacked, exactly, for HF's own forward
+    assert torch.equal(got, want)

@@ -4,14 +4,15 @@ Q/K/V and gate/up are fused into one matmul each (fewer, larger ops). On the CPU
 the dtype:
 - bfloat16 on a CPU that computes it (AVX512-BF16/AMX): every projection is packed once into oneDNN's
   blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does) and
-  run by `_linear_pointwise`. Measured on this project's 2-core EPYC, one decode step's GEMMs at
-  batch 1 take 7.6 ms packed vs 13.9 ms through `F.linear` (bit-identical results: the same kernel
-  without the per-call reorder of the weight).
-- float32: row-major, or (in, out) storage for one or two rows, where fp32 GEMV runs ~35% faster on
-  the CPU this was tuned on (30 layers: 22 vs 34 ms).
-Packing rewrites the HF modules' weights in place (holding them twice would double the model's
-memory), so HF's own forward no longer runs on that model object: a pre-hook says so instead of
-computing garbage. The layout is built once per loaded model and shared by every runner over it.
+  run by `_linear_pointwise`. Measured on this project's 2-core EPYC (30 layers and the head, weights
+  streamed from memory, the two taking turns): 15.3 vs 24.2 ms a step at one row, 16.0 vs 32.5 ms at
+  eight, with bit-identical results (the same kernel without the per-call reorder of the weight).
+- float32: (in, out) storage for one or two rows, where fp32 GEMV runs ~35% faster (30 layers: 39 vs
+  61 ms at one row); row-major otherwise. Packing fp32 for batches measured no faster in the engine
+  (batch 8 at 512 tokens, one thread, two A/B rounds: 45.2/47.5 tok/s row-major vs 46.4/35.5 packed).
+Packing empties the HF modules' weights (holding them twice would double the model's memory); if
+HF's own forward is called on that model object (tests, benchmarks) it gets plain copies back first.
+The layout is built once per loaded model and shared by every runner over it.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Weights:
         layout = choose_layout(lm.desc.dtype, lm.desc.device, max_slots)
         cached = getattr(lm, "_kvchat_weights", None)
         if cached is not None and (cached.layout == layout or cached.layout == "packed"):
-            return cached  # packed weights cannot go back; they are the fastest at every batch size
+            return cached  # packed weights are not laid out again: within 25% of the best at any batch
         w = build(lm.hf, layout)
         lm._kvchat_weights = w
         return w
@@ -90,30 +91,32 @@ def choose_layout(dtype: torch.dtype, device: torch.device, max_slots: int) -> s
     """"packed" | "transposed" | "rows". KVCHAT_PACK=0 turns packing off (tests compare the two)."""
     if device.type != "cpu":
         return "rows"
-    if dtype == torch.bfloat16 and os.environ.get("KVCHAT_PACK", "1") != "0" and packing_works():
+    pack = os.environ.get("KVCHAT_PACK", "1") != "0"
+    if dtype == torch.bfloat16 and pack and packing_works(dtype):
         return "packed"
     return "transposed" if dtype == torch.float32 and max_slots <= 2 else "rows"
 
 
-_PACK_OK: bool | None = None
+_PACK_OK: dict[torch.dtype, bool] = {}
 
 
-def packing_works() -> bool:
-    """oneDNN is built in, computes bfloat16 on this CPU, and a packed matmul equals F.linear."""
-    global _PACK_OK
-    if _PACK_OK is None:
+def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """oneDNN is built in, computes `dtype` on this CPU, and a packed matmul equals F.linear."""
+    if dtype not in _PACK_OK:
         try:
-            ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            ok = torch.backends.mkldnn.is_available()
+            if ok and dtype == torch.bfloat16:
+                ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
             if ok:
                 g = torch.Generator().manual_seed(0)
-                w = torch.randn(48, 40, generator=g).bfloat16()
-                x = torch.randn(3, 40, generator=g).bfloat16()
+                w = torch.randn(48, 40, generator=g).to(dtype)
+                x = torch.randn(3, 40, generator=g).to(dtype)
                 got = Linear(torch.ops.mkldnn._reorder_linear_weight(w, 1), None, True)(x)
                 ok = torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2)
         except Exception:  # an op missing from this build: the plain path
             ok = False
-        _PACK_OK = bool(ok)
-    return _PACK_OK
+        _PACK_OK[dtype] = bool(ok)
+    return _PACK_OK[dtype]
 
 
 def _storage(w: torch.Tensor, layout: str) -> torch.Tensor:
@@ -189,11 +192,36 @@ def build(hf, layout: str) -> Weights:
         ))
     # A head tied to the embedding keeps its rows for lookups: packed, it is a copy.
     head = _single(hf.lm_head, layout, copy=tied and layout == "packed")
+    w = Weights(layers, head, layout)
     if layout == "packed":
-        hf.register_forward_pre_hook(_packed_guard)
-    return Weights(layers, head, layout)
+        _restore_on_forward(hf, w, tied)
+    return w
 
 
-def _packed_guard(module, args):
-    raise RuntimeError("this model's weights are packed for kvchat's runner (bfloat16 on this CPU); HF's own "
-                       "forward cannot run on it: load another copy, or set KVCHAT_PACK=0 before loading")
+def unpack(lin: Linear) -> torch.Tensor:
+    """A packed Linear's plain (out, in) weight, exactly: the packed matmul of the identity (products
+    with 1, sums of 0)."""
+    eye = torch.eye(lin.w.shape[1], dtype=lin.w.dtype, device=lin.w.device)
+    return Linear(lin.w, None, True)(eye).t().contiguous()
+
+
+def _restore_on_forward(hf, weights: Weights, tied: bool):
+    """HF modules can't hold packed weights, so packing empties them; HF's own forward (tests,
+    benchmarks) gets plain copies back the first time it runs. Those are a second copy of the weights
+    for as long as runners over the packed ones live: fine for a comparison, not for serving."""
+
+    def restore(module, args):
+        for layer, lw in zip(hf.model.layers, weights.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            for parts, lin in (([a.q_proj, a.k_proj, a.v_proj], lw.qkv), ([mlp.gate_proj, mlp.up_proj], lw.gate_up),
+                               ([a.o_proj], lw.o), ([mlp.down_proj], lw.down)):
+                w, off = unpack(lin), 0
+                for m in parts:
+                    n = m.out_features
+                    m.weight.data = w[off : off + n]
+                    off += n
+        if not tied:
+            hf.lm_head.weight.data = unpack(weights.lm_head)
+        handle.remove()
+
+    handle = hf.register_forward_pre_hook(restore)

@@ -4,9 +4,9 @@
         [--pairs 0.5:0.5,0.5:0.25] [--bits 0,4] [--v-bits 2] [--group 16] [--qgroup 32] [--window 32]
         [--train-steps 0,40] [--sink 4] [--text /usr/share/common-licenses/GPL-3] [--prefill 1536] [--forced 512]
     KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_cskv.py tasks --pairs 0.5:0.5 --train-steps 40 [--cases 6]
-        [--lengths 1536,2048] [--split heldout]
+        [--lengths 1536,2048] [--split heldout] [--profiles cskv,cskv-kivi4]
     KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_cskv.py bytes --pairs 0.5:0.5 --bits 4 --group 32
-    KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_cskv.py speed [--tokens 2048] [--steps 48]
+    KVCHAT_HOME=/tmp/kvhome python benchmarks/bench_cskv.py speed [--tokens 2048] [--steps 48] [--profiles cskv,cskv-kivi4]
 
 sweep: for every (k_density, v_density, train_steps, bits): pass keys found on bench_methods' 6 needle
 depths (1.5k-token prompts); held / full bytes at the end of their prefill in the run's dtype (max over
@@ -30,14 +30,15 @@ import dataclasses
 import itertools
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
-from bench_methods import DEPTHS, needle_prompt, needles, profile
+from bench_methods import DEPTHS, needle_prompt, needles
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.cskv import CSKV
 from kvchat.model import load_model
-from kvchat.profiles import Profile
+from kvchat.profiles import Profile, load_profile
 from kvchat.quality.evaluate import Settings, plan, run_case
 
 
@@ -154,7 +155,8 @@ def tasks(lm, a) -> None:
           f"({min(len(c.prompt_ids) for c in cases)}-{max(len(c.prompt_ids) for c in cases)} tokens); {lm.desc.dtype}",
           flush=True)
     print(f"{HEAD} {' '.join(f'{t:>9}' for t in s.tasks)} {'held':>6}", flush=True)
-    for label, make in [(f"{'full':>{len(HEAD)}}", list)] + points(a):
+    named = [(f"{Path(n).stem:>{len(HEAD)}}", lambda n=n: load_profile(n).methods) for n in (a.profiles or "").split(",") if n]
+    for label, make in [(f"{'full':>{len(HEAD)}}", list)] + (named or points(a)):
         eng = Engine(lm, Profile("c", methods=make()))
         rows = [run_case(eng, c, s.max_new_tokens) for c in cases]
         acc = [sum(r["correct"] for r in rows if r["task"] == t) for t in s.tasks]
@@ -182,7 +184,8 @@ def bytes_(lm, a) -> None:
 def speed(lm, a) -> None:
     ids = needle_prompt(lm.tokenizer, a.tokens, 0.5, 12345)
     runs = {}
-    for name, methods in (("full", []), ("cskv", profile("cskv").methods)):
+    names = [n for n in (a.profiles or "cskv").split(",") if n]
+    for name, methods in [("full", [])] + [(Path(n).stem, load_profile(n).methods) for n in names]:
         eng = Engine(lm, Profile(name, methods=methods))
         runs[name] = (eng, eng.start(Request(name, ids, SamplingParams(max_new_tokens=10**6))), [])
     rounds = 4
@@ -195,7 +198,7 @@ def speed(lm, a) -> None:
             times.append(time.perf_counter() - t)
     tps = {n: rounds * (a.steps // rounds) / sum(t) for n, (_, _, t) in runs.items()}
     print(f"decode after a {len(ids)}-token prompt ({a.steps} steps each, {rounds} alternating rounds, {lm.desc.dtype}): "
-          f"full {tps['full']:.2f} tok/s, cskv {tps['cskv']:.2f} tok/s ({tps['cskv'] / tps['full']:.2f}x)")
+          + ", ".join(f"{n} {v:.2f} tok/s ({v / tps['full']:.2f}x full)" for n, v in tps.items()))
 
 
 def main() -> None:
@@ -218,6 +221,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=6, help="tasks: cases per task and length")
     ap.add_argument("--lengths", default="1536,2048", help="tasks: prompt lengths")
     ap.add_argument("--split", default="heldout", choices=["heldout", "tuning"], help="tasks: seed split")
+    ap.add_argument("--profiles", default=None, help="tasks, speed: shipped profile names or YAML paths instead of points, "
+                    "e.g. cskv,cskv-kivi4 (full is always first)")
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     torch.set_grad_enabled(False)

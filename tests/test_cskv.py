@@ -15,7 +15,7 @@ from kvchat.calibration.cache import cache_path, read_tensors
 from kvchat.cache.attention import causal_attention
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.engine.probe import make_probe
-from kvchat.errors import ProfileError
+from kvchat.errors import KvchatError, ProfileError
 from kvchat.methods.cskv import CSKV, CSKVFormat, Rope
 from kvchat.methods.window import Window
 from kvchat.profiles import Profile
@@ -159,7 +159,7 @@ def test_bytes_held_are_features_window_positions_and_index(lm, tmp_path, monkey
         eng.step(seqs)
     rk, rv = d.head_dim // 2, d.head_dim // 4
     item = torch.empty((), dtype=d.dtype).element_size()
-    per_group = 8 * ((rk + rv) * item + 4) + 8  # features, an int32 position per token, block id + count
+    per_group = 8 * ((rk + rv) * item + 2) + 8  # features, an int16 position per token, block id + count
     total = 0
     for l in range(d.n_layers):
         fmt = eng.store.format(l)
@@ -263,3 +263,21 @@ def test_first_chunk_attention_is_the_chunk_own(lm):
     q = torch.randn(T, d.n_heads, d.head_dim, generator=g)
     out, _ = fmt.attend_prefill(q, 0, torch.arange(T), 0.25, 0, fresh=(k, v))
     assert torch.equal(out, causal_attention(q, k, v, 0.25)[0])
+
+
+def test_sealed_positions_are_int16_only_where_every_position_fits(lm):
+    """int16 holds positions 0..32,767: a model of 8,192 (SmolLM2) or 32,768 positions gets it, a 131,072
+    one int32; a position past the dtype is an error, never a wrapped number."""
+    from kvchat.methods.cskv import pos_dtype
+
+    assert [pos_dtype(n) for n in (512, 8192, 32768, 32769, 131072)] == [torch.int16] * 3 + [torch.int32] * 2
+    d = lm.desc
+    fac = random_factors(d.n_kv_heads, d.head_dim, 6, 4)
+    rope = Rope(make_probe(lm).rope_tables, d.dtype, d.device)
+    fmt = CSKVFormat(1, d.n_kv_heads, d.head_dim, 4, d.dtype, d.device, factors=fac, rope=rope, group=4, residual=0,
+                     pos_dtype=torch.int16)
+    T, H, D = 8, d.n_kv_heads, d.head_dim
+    k = torch.randn(T, H, D)
+    fmt.append_chunk(0, k, k, k, torch.arange(32764, 32764 + T))  # the second group reaches 32,768
+    with pytest.raises(KvchatError, match="position 32,771 does not fit the torch.int16 positions"):
+        fmt.seal([0])

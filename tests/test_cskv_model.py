@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import chat_ids
+from conftest import bench_module, chat_ids
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.cskv import FACTORS, CSKV
 from kvchat.profiles import Profile, load_profile
@@ -53,34 +53,46 @@ def test_full_rank_equals_full_logits_and_32_greedy_tokens(embedded):
         worst = max(worst, (out["cskv"] - out["full"]).abs().max().item() / out["full"].abs().max().item())
         tok = int(out["full"].argmax())
         agree.append(int(out["cskv"].argmax()) == tok)
+    print(f"full rank vs full: max |logit difference| / max |logit| = {worst:.2e} over 32 greedy steps")
     assert worst < 1e-4 and all(agree), (worst, agree)
 
 
-# cskv: the issue's 55%. cskv-kivi4: the issue asks 15%; the lowest ranks that still find the needle
-# (0.5 / 0.5, README's sweep) hold 20% at 4 bits, and the test bounds what the shipped profile holds.
-@pytest.mark.parametrize("name,bound", [("cskv", 0.55), ("cskv-kivi4", 0.21)])
-def test_the_cskv_profiles_hold_at_most_their_share_in_bfloat16(embedded, name, bound):
-    """At the end of prefill on a bench_methods needle prompt (all six have one length), every layer's
-    format built in bfloat16 from the shipped profile and fed the prompt's real K/V. Bytes do not depend on
-    the factors' values, so a small calibration stands in for the profile's; the fp32 model computes the
-    K/V (bf16 matmuls are ~7x slower on a CPU without native bf16: 150 s for this prefill)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_methods import needles
+# The issue's bounds: cskv at most 55% of full, cskv-kivi4 at most 15% (bfloat16). BOUNDS holds what the
+# test requires; where it is above the issue's, README's CSKV section says why (the byte breakdown).
+BOUNDS = {"cskv": 0.55, "cskv-kivi4": 0.21}
 
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_the_cskv_profiles_hold_the_formula_and_at_most_their_share_in_bfloat16(embedded, name):
+    """At the end of prefill on a bench_methods needle prompt (all six have one length), every layer's
+    format built in bfloat16 from the shipped profile and fed the prompt's real K/V (bench_cskv's
+    bf16_formats). Bytes do not depend on the factors' values, so a small calibration stands in for the
+    profile's; the fp32 model computes the K/V (bf16 matmuls are ~7x slower on a CPU without native bf16).
+    Held = the formula, counted here from the profile's parameters, = the storage the tables reference."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    bench = bench_module("bench_cskv")
     shipped = load_profile(str(ROOT / "profiles" / f"{name}.yaml")).methods[0]
     quick = dataclasses.replace(shipped, calib_samples=2, calib_tokens=128, train_steps=0)
     eng = Engine(embedded, Profile(name, methods=[quick]))  # binds the factors and the model's RoPE
-    ids, _ = needles(embedded, 1600)[0]
-    d = dataclasses.replace(embedded.desc, dtype=torch.bfloat16)
-    fmts = [eng.methods[0].make_format(l, 1, 16, d, False, 0) for l in range(d.n_layers)]
-    pos = torch.arange(len(ids))
-    bf = lambda x: x.to(torch.bfloat16)  # noqa: E731
-    eng.probe.run(ids, trace=lambda l, t: fmts[l].append_chunk(0, bf(t["k_pre"]), bf(t["k"]), bf(t["v"]), pos))
+    ids, _ = bench.needles(embedded, 1600)[0]
+    fmts, full = bench.bf16_formats(embedded, eng.methods[0], bench.bf16_trace(embedded, ids))
+
+    T, (L, H, D), G = len(ids), (30, 3, 64), shipped.group
+    rk, rv = shipped.ranks(D)
+    front = shipped.sink + shipped.window  # sinks and window: full precision, then whole groups sealed
+    groups, n_tail = (T - front) // G, front + (T - front) % G
+    if shipped.bits:  # codes; value scale + minimum (fp16) per qgroup channels; key scale + minimum per group
+        kb, vb = shipped.bits, shipped.v_bits or shipped.bits
+        per_token, per_group = rk * kb // 8 + rv * vb // 8 + rv // min(shipped.qgroup, rv) * 4, rk * 4
+    else:  # features in bfloat16
+        per_token, per_group = (rk + rv) * 2, 0
+    per_token += 2  # an int16 position (8,192 positions)
+    tail = -(-n_tail // 16) * 16 * (2 * D * 2 + 4)  # 16-token blocks of bf16 K and V and an int32 position
+    want = L * H * (tail + groups * (G * per_token + per_group + 8)) + sum(f.tail.pages.meta_bytes() for f in fmts)
     for f in fmts:
-        f.seal([0])
-        G = shipped.group
-        assert f.tail.host[0] == [4 + 32 + (len(ids) - 36) % G] * d.n_kv_heads
+        assert f.tail.host[0] == [n_tail] * H and f.slot_groups[0] == groups * H
         assert (f.tok["ckc"].dtype == torch.uint8) if shipped.bits else (f.tok["ck"].dtype == torch.bfloat16)
-    held, full = sum(f.bytes_held() for f in fmts), len(ids) * d.kv_bytes_per_token
-    assert held == sum(f.storage_bytes() for f in fmts) and full == len(ids) * 30 * 2 * 3 * 64 * 2
-    assert held <= bound * full, f"{held / full:.1%}"
+    held = sum(f.bytes_held() for f in fmts)
+    assert held == want == sum(f.storage_bytes() for f in fmts) and full == T * L * 2 * H * D * 2
+    print(f"{name}: {held:,} of {full:,} bytes held = {held / full:.2%} ({T} tokens, bfloat16)")
+    assert held <= BOUNDS[name] * full, f"{held / full:.1%}"

@@ -25,24 +25,26 @@ def lm():
     return tiny_model("llama", layers=3)
 
 
-def qfmt(lm, fac, bits=4, qgroup=4, group=4, window=3, pinned=0) -> QuantFeatureFormat:
+def qfmt(lm, fac, bits=4, v_bits=None, qgroup=4, group=4, window=3, pinned=0) -> QuantFeatureFormat:
     d = lm.desc
     rope = Rope(make_probe(lm).rope_tables, d.dtype, d.device)
     return QuantFeatureFormat(1, d.n_kv_heads, d.head_dim, 4, d.dtype, d.device, factors=fac, rope=rope, group=group,
-                              residual=window, pinned=pinned, bits=bits, qgroup=qgroup)
+                              residual=window, pinned=pinned, k_bits=bits, v_bits=v_bits or bits,
+                              qgroup=qgroup)
 
 
-@pytest.mark.parametrize("bits", [4, 2])
-def test_sealed_tokens_hold_codes_and_read_back_dequantized_features(lm, bits):
+@pytest.mark.parametrize("bits,v_bits", [(4, 4), (2, 2), (4, 2)])
+def test_sealed_tokens_hold_codes_and_read_back_dequantized_features(lm, bits, v_bits):
     d = lm.desc
     H, D = d.n_kv_heads, d.head_dim
     fac = random_factors(H, D, 8, 8)
-    fmt = qfmt(lm, fac, bits=bits, pinned=2)
+    fmt = qfmt(lm, fac, bits=bits, v_bits=v_bits, pinned=2)
     T = 23
     k_pre, k, v = fill(fmt, T)
     n_sealed = (T - 2 - 3) // 4 * 4
     assert set(fmt.tok) == {"ckc", "cvc", "cvs", "cvo", "pos"} and set(fmt.grp) == {"cks", "cko"}
     assert fmt.tok["ckc"].dtype == torch.uint8 and fmt.tok["ckc"].shape[-1] == 8 * bits // 8
+    assert fmt.tok["cvc"].shape[-1] == 8 * v_bits // 8
     s = torch.arange(2, 2 + n_sealed)
     for h in range(H):
         t = fmt.read(0, h)
@@ -50,13 +52,14 @@ def test_sealed_tokens_hold_codes_and_read_back_dequantized_features(lm, bits):
         cv = (v[s, h] - fac["v_mu"][h]) @ fac["v_down"][h]
         # Keys per channel over each group of 4 tokens, values per token over 4 channels: within half a step.
         kq, ks, km = minmax(ck.view(-1, 4, 8), bits, dim=1)
-        vq, vs, vm = minmax(cv.view(-1, 2, 4), bits, dim=-1)
+        vq, vs, vm = minmax(cv.view(-1, 2, 4), v_bits, dim=-1)
         rk = (kq * ks.float() + km.float()).view(-1, 8)
         rv = (vq * vs.float() + vm.float()).view(-1, 8)
         want_k = fmt.rope.rotate(fac["k_mu"][h] + rk @ fac["k_up"][h], s)
         want_v = fac["v_mu"][h] + rv @ fac["v_up"][h]
         assert torch.allclose(t.k[s], want_k, atol=1e-3) and torch.allclose(t.v[s], want_v, atol=1e-3)
         assert (rk - ck).abs().max() <= ks.float().max() / 2 + 1e-3  # rounding error: half a step at most
+        assert (rv - cv).abs().max() <= vs.float().max() / 2 + 1e-3
         rest = torch.cat([torch.arange(2), torch.arange(2 + n_sealed, T)])  # sinks and window: untouched
         assert torch.equal(t.k[rest], k[rest, h]) and torch.equal(t.v[rest], v[rest, h])
 
@@ -75,22 +78,24 @@ def test_decode_attention_equals_attention_over_what_read_returns(lm):
         assert torch.allclose(col[0, h, :40], p[0].sum(0), atol=1e-5)
 
 
-def test_bytes_held_are_codes_scales_window_positions_and_index(lm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("v_bits", [None, 2])
+def test_bytes_held_are_codes_scales_window_positions_and_index(lm, tmp_path, monkeypatch, v_bits):
     monkeypatch.setenv("KVCHAT_HOME", str(tmp_path))
     d = lm.desc
-    m = CSKV(k_density=0.5, v_density=0.5, window=6, group=8, sink=2, bits=4, qgroup=4, **CAL)
+    m = CSKV(k_density=0.5, v_density=0.5, window=6, group=8, sink=2, bits=4, v_bits=v_bits, qgroup=4, **CAL)
     eng = Engine(lm, Profile("c", methods=[m]), max_slots=2)
     seqs = [eng.start(Request(str(i), list(range(2, 2 + n)), SamplingParams(max_new_tokens=50))) for i, n in
             enumerate((150, 90))]
     for _ in range(17):
         eng.step(seqs)
-    r = d.head_dim // 2
-    # per token: key and value codes (r / 2 bytes each), a float16 scale and minimum per 4 value channels,
-    # an int32 position; per group: a float16 scale and minimum per key channel, block id + count.
-    per_group = 8 * (2 * r // 2 + (r // 4) * 4 + 4) + r * 4 + 8
+    r, vb = d.head_dim // 2, v_bits or 4
+    # per token: key codes (r / 2 bytes) and value codes (r * vb / 8), a float16 scale and minimum per 4
+    # value channels, an int16 position (the tiny model has 512 positions); per group: a float16 scale and
+    # minimum per key channel, block id + count.
+    per_group = 8 * (r // 2 + r * vb // 8 + (r // 4) * 4 + 2) + r * 4 + 8
     for l in range(d.n_layers):
         fmt = eng.store.format(l)
-        assert isinstance(fmt, QuantFeatureFormat)
+        assert isinstance(fmt, QuantFeatureFormat) and fmt.tok["pos"].dtype == torch.int16
         groups = sum(fmt.slot_groups)
         assert groups > 0 and fmt.bytes_held() == fmt.tail.bytes_held() + groups * per_group == fmt.storage_bytes()
     assert eng.store.bytes_held() < 0.3 * eng.store.bytes_full()
@@ -104,3 +109,7 @@ def test_ranks_that_do_not_pack_are_one_line_errors(lm, tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(ProfileError, match="cskv.bits must be 0"):
         CSKV(bits=3)
+    with pytest.raises(ProfileError, match="cskv.v_bits must be 2 or 4, with bits 2 or 4, got 2"):
+        CSKV(v_bits=2)  # no bits: nothing is quantized
+    with pytest.raises(ProfileError, match="cskv.v_bits must be 2 or 4"):
+        CSKV(bits=4, v_bits=8)

@@ -35,12 +35,12 @@ class SealedFormat(SealedAttention, Format):
     token_wise = False  # encode() is per token (no group rows): seal fills the newest group's free rows
 
     def __init__(self, n_slots, n_kv, head_dim, block_size, dtype, device, with_bias=False, *, group: int,
-                 residual: int, pinned: int = 0):
+                 residual: int, pinned: int = 0, pos_dtype: torch.dtype = torch.int32):
         super().__init__(n_slots, n_kv, head_dim, block_size, dtype, device, with_bias)
         self.group, self.residual, self.pin = group, residual, pinned
         self.tail = DenseFormat(n_slots, n_kv, head_dim, block_size, dtype, device, with_bias)
         specs = dict(self.token_specs())
-        specs["pos"] = ((), torch.int32)
+        specs["pos"] = ((), pos_dtype)  # a narrower dtype is the subclass's to justify (cskv: int16)
         self.tok = {n: torch.zeros(0, group, *s, dtype=dt, device=device) for n, (s, dt) in specs.items()}
         self.grp = {n: torch.zeros(0, *s, dtype=dt, device=device) for n, (s, dt) in self.group_specs().items()}
         self.free: list[int] = []
@@ -157,7 +157,7 @@ class SealedFormat(SealedAttention, Format):
         blocks, offs = ix[at // G], at % G
         for name, rows in tok.items():
             self.tok[name][blocks, offs] = rows.reshape(n_touch * G, *rows.shape[2:])[at].to(self.tok[name].dtype)
-        self.tok["pos"][blocks, offs] = t.pos.to(torch.int32)
+        self.tok["pos"][blocks, offs] = t.pos.to(self.tok["pos"].dtype)
         for name, rows in grp.items():  # group rows: whole groups only (c == 0)
             self.grp[name][ix] = rows.to(self.grp[name].dtype)
         if c:
@@ -212,7 +212,7 @@ class SealedFormat(SealedAttention, Format):
         if at_sealed.numel():
             uniq, inv = torch.unique(blocks, return_inverse=True)
             gk, gv, gp = self._decoded(uniq)
-            k[at_sealed], v[at_sealed], pos[at_sealed] = gk[inv, off], gv[inv, off], gp[inv, off]
+            k[at_sealed], v[at_sealed], pos[at_sealed] = gk[inv, off], gv[inv, off], gp[inv, off].to(pos.dtype)
         return Tokens(k, v, pos, bias)
 
     def write(self, slot: int, head: int, idx: torch.Tensor, tokens: Tokens) -> None:

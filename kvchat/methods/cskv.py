@@ -164,6 +164,10 @@ class CSKVFormat(SealedFormat):
 
     def encode(self, k, v, pos, count):
         h = self._head
+        top = torch.iinfo(self.tok["pos"].dtype).max
+        if pos.numel() and int(pos.max()) > top:  # the engine stops before max_positions: never, but never silently
+            raise KvchatError(f"cskv: position {int(pos.max()):,} does not fit the {self.tok['pos'].dtype} positions "
+                              f"chosen for this model (at most {top:,})")
         return self.encode_features(self._down(self.rope.unrotate(k, pos), "k", h), self._down(v, "v", h), count)
 
     def decode(self, tok, grp, pos):
@@ -241,7 +245,7 @@ class CSKVFormat(SealedFormat):
             ix = torch.tensor(blocks, device=self.device)
             pos = self.tok["pos"][ix]  # (n, group)
             held = (torch.arange(self.group).view(1, -1) < torch.tensor(self.counts[slot][h]).view(-1, 1)).to(self.device)
-            pos[held] = new_pos(pos[held]).to(torch.int32)
+            pos[held] = new_pos(pos[held]).to(pos.dtype)
             self.tok["pos"][ix] = pos
 
 
@@ -270,6 +274,7 @@ class CSKV(Method):
     refine_samples: int = 2
     data: str | None = None
     bits: int = 0  # 0: features in the model's dtype; 2 or 4: packed KIVI codes (methods/cskv_quant.py)
+    v_bits: int | None = None  # with bits: the value features' bits, 2 or 4 (default: bits)
     qgroup: int = 32  # with bits: value feature channels sharing a scale (capped at the value rank)
 
     def __post_init__(self):
@@ -287,6 +292,10 @@ class CSKV(Method):
         self._int("bits")
         if self.bits not in (0, 2, 4):
             raise self._err("bits", "must be 0 (no quantization), 2 or 4", self.bits)
+        if self.v_bits is not None:
+            self._int("v_bits")
+            if not self.bits or self.v_bits not in (2, 4):
+                raise self._err("v_bits", "must be 2 or 4, with bits 2 or 4", self.v_bits)
         self._int("qgroup", lo=1)
         if self.data is not None and not isinstance(self.data, str):
             raise self._err("data", "must be a file path", self.data)
@@ -357,16 +366,24 @@ class CSKV(Method):
 
     def make_format(self, layer, n_slots, block_size, desc, with_bias, pinned):
         fac = {n: t[layer] for n, t in self.factors.items()}
-        kw = dict(factors=fac, rope=self.rope, group=self.group, residual=self.window, pinned=max(pinned, self.sink))
+        kw = dict(factors=fac, rope=self.rope, group=self.group, residual=self.window, pinned=max(pinned, self.sink),
+                  pos_dtype=pos_dtype(desc.max_positions))
         args = (n_slots, desc.n_kv_heads, desc.head_dim, block_size, desc.dtype, desc.device, with_bias)
         if not self.bits:
             return CSKVFormat(*args, **kw)
         from kvchat.methods.cskv_quant import QuantFeatureFormat
 
         rk, rv = self.ranks(desc.head_dim)
+        kb, vb = self.bits, self.v_bits or self.bits
         qg = min(self.qgroup, rv)
-        if (rk * self.bits) % 8 or (rv * self.bits) % 8 or rv % qg:
-            raise ProfileError(f"cskv.bits {self.bits}: ranks {rk} (keys) and {rv} (values) of {desc.name} must pack "
+        if (rk * kb) % 8 or (rv * vb) % 8 or rv % qg:
+            raise ProfileError(f"cskv.bits {kb}/{vb}: ranks {rk} (keys) and {rv} (values) of {desc.name} must pack "
                                f"into whole bytes and the value rank must be a multiple of qgroup {qg}; pick densities "
-                               f"that give ranks divisible by {max(8 // self.bits, qg)}")
-        return QuantFeatureFormat(*args, bits=self.bits, qgroup=qg, **kw)
+                               f"that give ranks divisible by {max(8 // min(kb, vb), qg)}")
+        return QuantFeatureFormat(*args, k_bits=kb, v_bits=vb, qgroup=qg, **kw)
+
+
+def pos_dtype(max_positions: int) -> torch.dtype:
+    """A sealed token's position: int16 when every position the model can reach fits (the engine refuses a
+    prompt or a step at max_positions: SmolLM2's 8,192 do), int32 otherwise. 2 bytes a token of 256 in bf16."""
+    return torch.int16 if max_positions <= 2**15 else torch.int32

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvchat_kernels.dispatch import choose_impl
+from kvchat_kernels.store_ops import index_rows
 
 try:
     import triton
@@ -35,7 +36,7 @@ except Exception:  # pragma: no cover - machines without triton use the referenc
 def _gather_seq(pool, block_table, lengths):
     bs = pool.shape[1]
     n_blocks = max(1, -(-int(lengths.max()) // bs))
-    g = pool.index_select(0, block_table[:, :n_blocks].reshape(-1).long())  # (H_kv * MB, bs, ...)
+    g = index_rows(pool, block_table[:, :n_blocks].reshape(-1).long())  # (H_kv * MB, bs, ...)
     return g.view(block_table.shape[0], n_blocks * bs, *pool.shape[2:])
 
 

@@ -25,14 +25,29 @@ except Exception:  # pragma: no cover - machines without triton use the referenc
     triton = None
 
 
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def index_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t.index_select(0, idx), fast for every dtype on the CPU: a float32 tensor is gathered as int32 bits
+    (the same bytes), since CPU index_select copies 4-byte floats ~8x slower than integers (measured:
+    4.4 ms vs 0.5 ms for 12 MiB of pool blocks; 16-bit and integer tensors take the fast copy anyway)."""
+    as_int = _SAME_SIZE_INT.get(t.dtype) if t.device.type == "cpu" else None
+    if as_int is None:
+        return t.index_select(0, idx)
+    return t.view(as_int).index_select(0, idx).view(t.dtype)
+
+
 def store_write_ref(pools, blocks, offsets, values):
     """pools: tensors (n_blocks, block_size, ...); blocks/offsets (N,) long; values: (N, ...) each."""
+    flat = blocks.long() * pools[0].shape[1] + offsets  # token rows of the flattened pools
     for pool, val in zip(pools, values):
-        pool[blocks, offsets] = val.to(pool.dtype)
+        pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, val if val.dtype == pool.dtype else val.to(pool.dtype))
 
 
 def store_gather_ref(pools, blocks, offsets):
-    return [pool[blocks, offsets] for pool in pools]
+    flat = blocks.long() * pools[0].shape[1] + offsets
+    return [index_rows(pool.view(-1, *pool.shape[2:]), flat) for pool in pools]
 
 
 if triton is not None:

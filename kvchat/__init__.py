@@ -2,12 +2,14 @@
 
 import os
 
-# OpenMP threads that finish a parallel region spin only briefly before sleeping. With torch's
-# default (long spins) a decode step on this 2-core machine took ~1,000 ms instead of ~50 ms while one
-# other process was busy; passive waiting fixed that but cost ~20% on an idle machine. A short spin
-# (measured: 48 ms idle, 56 ms busy, vs 46 / 550 ms with long spins) keeps both. Must be set before
-# torch loads its OpenMP runtime; a user's own setting wins.
+# OpenMP threads that finish a parallel region spin a little (~10 us) before sleeping: long enough to
+# bridge the Python between a decode step's ops (with 1,000 spins the second thread slept between
+# them and two threads decoded no faster than one: 44 vs 44 tok/s at batch 4, 2k tokens, against 71
+# with 10,000), short enough not to hold a core for long. While other processes keep cores busy the
+# engine uses fewer threads (kvchat/engine/threads.py): a team waiting on a descheduled thread is what
+# made long spins ~20x slower on a busy machine. Must be set before torch loads its OpenMP runtime;
+# a user's own setting wins.
 if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 __version__ = "0.1.0"

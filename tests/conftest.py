@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Fixed threads: results compared across runs must not depend on what else the machine is doing.
+os.environ["KVCHAT_ADAPTIVE_THREADS"] = "0"
 
 
 class ToyTokenizer:

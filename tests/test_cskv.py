@@ -106,7 +106,7 @@ def test_decode_attention_over_features_equals_attention_over_the_reconstruction
     fmt.chunk_groups = 2  # several chunks merged
     fill(fmt, 40)
     q = torch.randn(1, H * G, D, generator=torch.Generator().manual_seed(3))
-    out, col = fmt.attend_decode(q, torch.tensor([0]), 0.3, colsum=True)
+    out, col = fmt.attend_decode(q, [0], torch.tensor([0]), 0.3, colsum=True)
     for h in range(H):
         want, p = reference(q[:, h * G : (h + 1) * G], fmt.read(0, h), 0.3)
         assert torch.allclose(out[0, h * G : (h + 1) * G], want[0], atol=1e-5)

@@ -114,6 +114,55 @@ def test_decode_matches_ref(D, G, with_bias, colsum, dtype):
     assert out[0, G : 2 * G].abs().sum() == 0  # empty head: zeros, not NaN
 
 
+def naive_decode(q, k, v, table, lengths, scale, bias):
+    """Attention one (slot, head) at a time over its tokens read one by one: the oracle of the oracle."""
+    B, Hq, D = q.shape
+    Hkv, bs = table.shape[1], k.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, D)
+    col = torch.zeros(B, Hkv, max(1, -(-int(lengths.max()) // bs)) * bs)
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(lengths[b, h])
+            if n == 0:
+                continue
+            rows = [(int(table[b, h, i // bs]), i % bs) for i in range(n)]
+            kk = torch.stack([k[blk, off] for blk, off in rows]).float()
+            vv = torch.stack([v[blk, off] for blk, off in rows]).float()
+            s = q[b, h * G : (h + 1) * G].float() @ kk.T * scale
+            if bias is not None:
+                s = s + torch.stack([bias[blk, off] for blk, off in rows])
+            p = torch.softmax(s, -1)
+            out[b, h * G : (h + 1) * G] = p @ vv
+            col[b, h, :n] = p.sum(0)
+    return out, col
+
+
+@pytest.mark.parametrize("lengths", [[[48, 48, 48]], [[37, 37, 37], [37, 37, 37]], [[37, 5, 37]], [[16, 0, 3]],
+                                     [[1056, 1056, 1056]], [[1100, 1100, 1100]], [[1100, 40, 1030]]],
+                         ids=["uniform-whole-blocks", "uniform-partial-block", "ragged", "ragged-empty",
+                              "pool-uniform-whole", "pool-uniform-partial", "pool-ragged"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("fn", ["ref", "cpu"])
+def test_decode_cpu_paths_with_host_lengths_equal_the_naive_oracle(lengths, with_bias, fn):
+    """The CPU decode paths: lengths known on the host (no read-back), no mask when every head agrees;
+    from 1,024 tokens one slot attends over its whole pool (`paged_decode_attention_cpu`)."""
+    k, v, table, lens, bias = make_store(lengths, 16, 64, torch.float32, seed=len(lengths[0]))
+    B, Hkv = lens.shape
+    q = torch.randn(B, Hkv * 3, 64, generator=torch.Generator().manual_seed(3))
+    bp = bias if with_bias else None
+    flat = [n for row in lengths for n in row]
+    mx, mn = max(flat), min(flat)
+    want_out, want_col = naive_decode(q, k, v, table, lens, 0.125, bp)
+    attend = PA.paged_decode_attention_ref if fn == "ref" else PA.paged_decode_attention_cpu
+    got_out, got_col = attend(q, k, v, table, None if mx == mn else lens, 0.125, bp, True, max_len=mx, min_len=mn)
+    assert_close(got_out, want_out, torch.float32, "out")
+    assert_close(got_col, want_col, torch.float32, "colsum")
+    plain = PA.paged_decode_attention_ref(q, k, v, table, lens, 0.125, bp, False)  # lengths read from the tensor
+    if fn == "ref":
+        assert torch.equal(plain, got_out)
+
+
 @pytest.mark.parametrize("num_splits,block_n", [(1, 16), (3, 16), (7, 16), (2, 32), (64, 16)])
 def test_decode_split_k(num_splits, block_n):
     dtype = torch.float32

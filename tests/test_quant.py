@@ -150,8 +150,8 @@ def test_kernel_path_equals_the_generic_sealed_path(lm, method):
     eng.store.compact(2, 1, [torch.arange(0, 80, 3), torch.arange(40, 76)])  # partial groups, ragged heads
     q = torch.randn(2, 6, lm.desc.head_dim, generator=torch.Generator().manual_seed(0))
     slots_t = torch.tensor([0, 1])
-    out, col = fmt.attend_decode(q, slots_t, 0.25, True)
-    want_out, want_col = SealedFormat.attend_decode(fmt, q, slots_t, 0.25, True)
+    out, col = fmt.attend_decode(q, slots_t.tolist(), slots_t, 0.25, True)
+    want_out, want_col = SealedFormat.attend_decode(fmt, q, slots_t.tolist(), slots_t, 0.25, True)
     assert torch.allclose(out, want_out, atol=1e-5)
     T = min(col.shape[-1], want_col.shape[-1])
     assert torch.allclose(col[..., :T], want_col[..., :T], atol=1e-6)

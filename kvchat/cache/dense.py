@@ -55,7 +55,10 @@ class DenseFormat(Format):
 
     def append_step(self, slots, slots_t, k_pre, k, v, pos) -> None:
         """k, v (B, H_kv, D); pos (B,)."""
-        self.pages.append_step(slots, slots_t, self._values(k, v, pos, (k.shape[0], self.n_kv)))
+        vals = {"k": k, "v": v, "pos": pos.to(torch.int32).repeat_interleave(self.n_kv)}  # (B * H_kv,)
+        if self.with_bias:
+            vals["bias"] = torch.zeros(k.shape[0] * self.n_kv, device=self.device)
+        self.pages.append_step(slots, slots_t, vals)
 
     def read(self, slot: int, head: int, idx: torch.Tensor | None = None) -> Tokens:
         r = self.pages.read(slot, head, idx)
@@ -69,6 +72,10 @@ class DenseFormat(Format):
 
     def compact(self, slot: int, keep: list[torch.Tensor]) -> None:
         self.pages.compact(slot, keep)
+
+    def check(self, slot: int) -> None:
+        super().check(slot)
+        self.pages.check(slot)
 
     def free_slot(self, slot: int) -> None:
         self.pages.free_slot(slot)
@@ -100,10 +107,12 @@ class DenseFormat(Format):
                                 bias_pool=self.bias, last_w=last_w, limits=limits)
         return res if last_w > 0 else (res, None)
 
-    def attend_decode(self, q, slots_t, scale, colsum=False):
-        """q (B, H_q, D) -> out (B, H_q, D), colsum (B, H_kv, T) | None."""
-        res = paged_decode_attention(q, self.k, self.v, self.pages.table[slots_t], self.pages.lengths[slots_t],
-                                     scale, bias_pool=self.bias, return_colsum=colsum)
+    def attend_decode(self, q, slots, slots_t, scale, colsum=False):
+        """q (B, H_q, D) -> out (B, H_q, D), colsum (B, H_kv, T) | None. slots: the step's slots (a list),
+        slots_t the same as a tensor."""
+        table, lengths, mx, mn = self.pages.step_tables(slots, slots_t)
+        res = paged_decode_attention(q, self.k, self.v, table, lengths, scale, bias_pool=self.bias,
+                                     return_colsum=colsum, impl=self.pages.impl, max_len=mx, min_len=mn)
         return res if colsum else (res, None)
 
     # ---- bytes -------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ A format owns its pools and answers five things for the engine and the methods:
     append_chunk(slot, k_pre, k, v, pos)          T new tokens of one slot (k_pre: keys before RoPE,
     append_step(slots, slots_t, k_pre, k, v, pos)   k: after RoPE), one token for each of B slots
     attend_prefill(q, slot, q_pos, scale, last_w, fresh) -> (out, rows | None)
-    attend_decode(q, slots_t, scale, colsum) -> (out, colsum | None)
+    attend_decode(q, slots, slots_t, scale, colsum) -> (out, colsum | None)
     read / write / compact                          tokens in storage order, per (slot, kv head)
     seal(slots)                                     after the step's policies ran (tail formats)
     bytes_held() / bytes_held_slot(slot) / bytes_reserved()

@@ -2,9 +2,12 @@
 
 A block holds `block_size` tokens of one head in every named pool (K rows, V rows, positions, packed
 codes, scales... each pool its own trailing shape and dtype). A block table and a length per (slot,
-head) say where a head's tokens are, in storage order. Lengths live twice: `lengths` on the device (the
-kernels read it) and `host[slot][head]` as Python ints, so deciding what to evict or where to append
-never waits on the device.
+head) say where a head's tokens are, in storage order. The bookkeeping lives on the host as Python ints
+(`host[slot][head]` lengths, `blocks[slot][head]` block ids), so deciding what to evict or where to
+append never waits on the device and a decode step costs no index arithmetic on tensors; the device
+copies the kernels read (`table`, `lengths`) follow: the table is written when a block is taken or
+given back (once per block_size tokens), the lengths tensor is rebuilt from the host when read after a
+change.
 
 Byte accounting is physical: `bytes_held` counts the blocks in use plus the index tensors (block
 tables, lengths); `bytes_reserved` is the pools' storage, which grows on demand and is trimmed back
@@ -17,7 +20,7 @@ import math
 
 import torch
 
-from kvchat_kernels import store_gather, store_write
+from kvchat_kernels import choose_impl, store_gather, store_write
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # pool name -> (trailing shape, dtype)
 
@@ -30,23 +33,31 @@ class PagedPools:
         self.pools = {name: torch.zeros(init_blocks, block_size, *shape, dtype=dt, device=device)
                       for name, (shape, dt) in specs.items()}
         self.table = torch.zeros(n_slots, n_heads, 1, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(n_slots, n_heads, dtype=torch.int32, device=device)
+        self._lengths = torch.zeros(n_slots, n_heads, dtype=torch.int32, device=device)
+        self._stale = False  # the host lengths changed since _lengths was built
         self.host = [[0] * n_heads for _ in range(n_slots)]
+        self.blocks = [[[] for _ in range(n_heads)] for _ in range(n_slots)]  # host mirror of `table`
         self.free: list[int] = list(range(init_blocks - 1, -1, -1))
         self.slot_blocks = [0] * n_slots  # blocks in use per slot
+        self.block_bytes = sum(math.prod(shape) * torch.empty((), dtype=dt).element_size()
+                               for shape, dt in specs.values()) * block_size  # across every pool
+        self.impl = choose_impl(torch.device(device))  # once: a decode step does not ask again
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(n_slots, n_heads) int32 on the device: the host lengths, rebuilt only after they changed."""
+        if self._stale:
+            self._lengths = torch.tensor(self.host, dtype=torch.int32, device=self.device)
+            self._stale = False
+        return self._lengths
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return next(iter(self.pools.values())).shape[0]
 
-    @property
-    def block_bytes(self) -> int:
-        """Bytes one block takes across every pool."""
-        return sum(math.prod(p.shape[1:]) * p.element_size() for p in self.pools.values())
-
     def meta_bytes(self) -> int:
-        return self.table.nbytes + self.lengths.nbytes
+        return self.table.nbytes + self._lengths.nbytes
 
     def bytes_held(self) -> int:
         return sum(self.slot_blocks) * self.block_bytes + self.meta_bytes()
@@ -56,7 +67,7 @@ class PagedPools:
         table: its width follows the longest sequence any slot has held, so a request's figure would
         depend on what ran before it (the table's slack counts in `bytes_held`, the run's total)."""
         return (self.slot_blocks[slot] * (self.block_bytes + self.table.element_size())
-                + self.lengths.nbytes // self.n_slots)
+                + self._lengths.nbytes // self.n_slots)
 
     def bytes_reserved(self) -> int:
         return sum(t.nbytes for t in self.pools.values()) + self.meta_bytes()
@@ -69,6 +80,16 @@ class PagedPools:
                 n = -(-self.host[s][h] // self.bs)
                 ids.update(self.table[s, h, :n].tolist())
         return ids
+
+    def check(self, slot: int) -> None:
+        """Invariants tests assert after every step: the host bookkeeping and the device copies agree."""
+        for h in range(self.n_heads):
+            n, ids = self.host[slot][h], self.blocks[slot][h]
+            if len(ids) != -(-n // self.bs) or self.table[slot, h, : len(ids)].tolist() != ids:
+                raise AssertionError(f"pages: slot {slot} head {h}: host blocks {ids} for {n} tokens, "
+                                     f"table {self.table[slot, h].tolist()}")
+        if self.lengths[slot].tolist() != self.host[slot]:
+            raise AssertionError(f"pages: slot {slot}: lengths {self.lengths[slot].tolist()} != host {self.host[slot]}")
 
     # ---- blocks ------------------------------------------------------------------------------------
     def _grow(self, missing: int) -> None:
@@ -102,12 +123,14 @@ class PagedPools:
         ids = iter(self._alloc(missing))
         for h, (w, hv) in enumerate(zip(want, have)):
             if w > hv:
-                self.table[slot, h, hv:w] = torch.tensor([next(ids) for _ in range(w - hv)], dtype=torch.int32)
+                new = [next(ids) for _ in range(w - hv)]
+                self.blocks[slot][h].extend(new)
+                self.table[slot, h, hv:w] = torch.tensor(new, dtype=torch.int32)
         self.slot_blocks[slot] += missing
 
     def _set_length(self, slot: int, head: int, n: int) -> None:
         self.host[slot][head] = n
-        self.lengths[slot, head] = n
+        self._stale = True
 
     # ---- writes ------------------------------------------------------------------------------------
     def append_chunk(self, slot: int, values: dict[str, torch.Tensor]) -> None:
@@ -123,24 +146,45 @@ class PagedPools:
         store_write(list(self.pools.values()), blocks, offs, vals)
         for h in range(self.n_heads):
             lens[h] += T
-        self.lengths[slot] += T
+        self._stale = True
 
     def append_step(self, slots: list[int], slots_t: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        """Append one token to every head of each slot. values[name]: (B, n_heads, *trailing)."""
+        """Append one token to every head of each slot. values[name]: (B, n_heads, *trailing), or already
+        flat (B * n_heads, *trailing).
+
+        Where each token goes is host arithmetic on the mirrored table (a decode step's hot path: no
+        tensor ops for the indices); the values go in with one index_copy_ per pool."""
+        bs = self.bs
+        rows = []
         for s in slots:
-            if any(n % self.bs == 0 for n in self.host[s]):
-                self.reserve(s, [n + 1 for n in self.host[s]])
-        lens = torch.tensor([self.host[s] for s in slots], device=self.device)  # (B, H)
-        heads = torch.arange(self.n_heads, device=self.device).view(1, -1)
-        blocks = self.table[slots_t.view(-1, 1), heads, lens // self.bs].long().flatten()
-        offs = (lens % self.bs).flatten()
-        vals = [values[n].reshape(-1, *values[n].shape[2:]) for n in self.pools]
-        store_write(list(self.pools.values()), blocks, offs, vals)
-        for s in slots:
-            row = self.host[s]
+            lens = self.host[s]
+            if any(n % bs == 0 for n in lens):
+                self.reserve(s, [n + 1 for n in lens])
+            blocks = self.blocks[s]
+            rows.extend(blocks[h][n // bs] * bs + n % bs for h, n in enumerate(lens))
             for h in range(self.n_heads):
-                row[h] += 1
-        self.lengths[slots_t] += 1
+                lens[h] += 1
+        self._stale = True
+        flat = torch.tensor(rows, device=self.device)  # (B * H,) token rows of the flattened pools
+        if self.impl == "triton":
+            store_write(list(self.pools.values()), flat // bs, flat % bs,
+                        [values[n].reshape(-1, *values[n].shape[2:]) for n in self.pools], impl="triton")
+            return
+        for name, pool in self.pools.items():
+            val = values[name]
+            val = val.reshape(-1, *val.shape[2:]) if val.dim() > pool.dim() - 1 else val
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, val if val.dtype == pool.dtype else val.to(pool.dtype))
+
+    def step_tables(self, slots: list[int], slots_t: torch.Tensor):
+        """A decode step's view of the tables: (block table rows (B, H, MB), lengths (B, H) or None
+        when every head holds the same number of tokens and the CPU reference needs no mask, longest
+        head, shortest head), all from the host bookkeeping. Consecutive slots are a view, not a copy."""
+        lens = [n for s in slots for n in self.host[s]]
+        mx, mn = max(lens), min(lens)
+        s0, B = slots[0], len(slots)
+        table = self.table[s0 : s0 + B] if slots == list(range(s0, s0 + B)) else self.table[slots_t]
+        lengths = None if (mx == mn and self.impl == "ref") else self.lengths[slots_t]
+        return table, lengths, mx, mn
 
     def locate(self, slot: int, head: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage order indices of one (slot, head) -> (block ids, offsets)."""
@@ -170,7 +214,8 @@ class PagedPools:
     def _release(self, slot: int, head: int, n: int, n_old: int) -> None:
         have, want = -(-n_old // self.bs), -(-n // self.bs)
         if want < have:
-            self.free.extend(self.table[slot, head, want:have].tolist())
+            self.free.extend(self.blocks[slot][head][want:have])
+            del self.blocks[slot][head][want:]
             self.table[slot, head, want:have] = 0
             self.slot_blocks[slot] -= have - want
         self._set_length(slot, head, n)
@@ -194,4 +239,6 @@ class PagedPools:
             self.pools[name] = small
         self.table.zero_()
         self.table[live] = torch.arange(n_used, dtype=torch.int32, device=self.device)
+        nxt = iter(range(n_used))  # the same numbering as the table: slot, head, block order
+        self.blocks = [[[next(nxt) for _ in row] for row in slot] for slot in self.blocks]
         self.free = list(range(new_cap - 1, n_used - 1, -1))

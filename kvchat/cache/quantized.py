@@ -57,7 +57,7 @@ class QuantizedFormat(SealedFormat):
         pages = self.tail.pages
         return Tail(self.tail.k, self.tail.v, pages.table[slots_t], pages.lengths[slots_t], self.tail.bias)
 
-    def attend_decode(self, q, slots_t, scale, colsum=False):
+    def attend_decode(self, q, slots, slots_t, scale, colsum=False):
         res = quant_decode_attention(q, self.sealed_view(slots_t), self.tail_view(slots_t), scale, colsum,
                                      chunk=self.chunk_groups)
         return res if colsum else (res, None)

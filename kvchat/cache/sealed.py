@@ -282,6 +282,10 @@ class SealedFormat(SealedAttention, Format):
     def trim(self) -> None:
         self.tail.trim()
 
+    def check(self, slot: int) -> None:
+        super().check(slot)
+        self.tail.pages.check(slot)
+
     # ---- bytes -------------------------------------------------------------------------------------
     def meta_bytes(self) -> int:
         # per group: its block id and count (int32 each), as a kernel's tables would hold them

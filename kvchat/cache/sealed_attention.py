@@ -11,6 +11,7 @@ import torch
 
 from kvchat.cache.attention import Part, causal_attention, merge, partial
 from kvchat_kernels.prefill_attention import visible_limits
+from kvchat_kernels.store_ops import index_rows
 
 
 class SealedAttention:
@@ -49,8 +50,7 @@ class SealedAttention:
             chunks.append((scores, valid))
         return part, chunks
 
-    def attend_decode(self, q, slots_t, scale, colsum=False):
-        slots = slots_t.tolist()
+    def attend_decode(self, q, slots, slots_t, scale, colsum=False):
         B, Hq, D = q.shape
         H = self.n_kv
         G = Hq // H
@@ -59,12 +59,12 @@ class SealedAttention:
         bt = tl.pages.table[slots_t]
         n_blocks = max(1, -(-max(max(tl.host[s]) for s in slots) // self.block_size))
         bt = bt[:, :, :n_blocks].reshape(-1).long()
-        kt = tl.k.index_select(0, bt).view(B, H, -1, D).to(q.dtype)
-        vt = tl.v.index_select(0, bt).view(B, H, -1, D).to(q.dtype)
+        kt = index_rows(tl.k, bt).view(B, H, -1, D).to(q.dtype)
+        vt = index_rows(tl.v, bt).view(B, H, -1, D).to(q.dtype)
         Tt = kt.shape[2]
         s_tail = torch.matmul(qg, kt.transpose(-1, -2)).float() * scale  # (B, H, G, Tt)
         if tl.bias is not None:
-            s_tail = s_tail + tl.bias.index_select(0, bt).view(B, H, 1, Tt).float()
+            s_tail = s_tail + index_rows(tl.bias, bt).view(B, H, 1, Tt).float()
         lens = tl.pages.lengths[slots_t].view(B, H, 1, 1)
         s_tail = s_tail.masked_fill(torch.arange(Tt, device=q.device).view(1, 1, 1, Tt) >= lens, float("-inf"))
         parts = [partial(s_tail, vt)]
@@ -103,9 +103,9 @@ class SealedAttention:
         limits = visible_limits(pos_t, lens_t, q_pos)  # (H, T)
         n_blocks = max(1, -(-max(tl.host[slot]) // self.block_size))
         bt = tl.pages.table[slot, :, :n_blocks].reshape(-1).long()
-        kt = tl.k.index_select(0, bt).view(H, -1, D).to(q.dtype)
-        vt = tl.v.index_select(0, bt).view(H, -1, D).to(q.dtype)
-        bias = tl.bias.index_select(0, bt).view(H, 1, -1).float() if tl.bias is not None else None
+        kt = index_rows(tl.k, bt).view(H, -1, D).to(q.dtype)
+        vt = index_rows(tl.v, bt).view(H, -1, D).to(q.dtype)
+        bias = index_rows(tl.bias, bt).view(H, 1, -1).float() if tl.bias is not None else None
         Lt = kt.shape[1]
         out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
         w = min(last_w, T) if last_w > 0 else 0

@@ -3,17 +3,15 @@
 Transformers gives us loading, the tokenizer, the config, the norms, the MLP activation and the rotary
 embedding (so every RoPE scaling variant stays right); the loop below calls them itself so that methods
 can drop hidden states between layers, read attention rows and keep ragged per-head caches.
-Q/K/V and gate/up projections are fused into one matmul each: fewer, larger ops are what a CPU needs.
+The weights (fused Q/K/V and gate/up, laid out per dtype) are kvchat/engine/weights.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 from kvchat.cache.stats import StepStats
+from kvchat.engine.weights import LayerWeights, Norm, Weights
 from kvchat.methods.base import DecodeCtx, PrefillCtx
 
 
@@ -24,62 +22,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-@dataclass
-class LayerWeights:
-    in_norm: torch.nn.Module
-    post_norm: torch.nn.Module
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    q_norm: torch.nn.Module | None
-    k_norm: torch.nn.Module | None
-    w_o: torch.Tensor
-    b_o: torch.Tensor | None
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    act: object
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (N, 1, D) -> the table `rope_rolled` multiplies: its first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _storage(w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """`w` (out, in) as a view over row-major (out, in) or (in, out) storage.
-
-    fp32 GEMV with one or two rows runs ~35% faster from (in, out) storage on this CPU (30 layers:
-    22 vs 34 ms); from four rows on, and in bf16, row-major (out, in) is as fast or faster."""
-    if transposed:
-        return w if w.stride(0) == 1 else w.t().contiguous().t()
-    return w.contiguous()
-
-
-def _fuse(linears: list[torch.nn.Linear], attr: str, transposed: bool) -> torch.Tensor | None:
-    parts = [getattr(m, attr) for m in linears]
-    if any(p is None for p in parts):
-        return None
-    fused = torch.cat([p.data for p in parts], dim=0)
-    if fused.dim() == 2:
-        fused = _storage(fused, transposed)
-    # Point the HF modules at views of the fused tensor so the weights are not held twice.
-    off = 0
-    for m, p in zip(linears, parts):
-        n = p.shape[0]
-        getattr(m, attr).data = fused[off : off + n]
-        off += n
-    return fused
-
-
-def _relayout(linear: torch.nn.Module, transposed: bool) -> torch.Tensor:
-    linear.weight.data = _storage(linear.weight.data, transposed)
-    return linear.weight
-
-
-def layer_weights(layer, transposed: bool = False) -> LayerWeights:
-    a, mlp = layer.self_attn, layer.mlp
-    w_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "weight", transposed)
-    b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "bias", transposed)
-    w_gu = _fuse([mlp.gate_proj, mlp.up_proj], "weight", transposed)
-    return LayerWeights(
-        in_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, w_qkv=w_qkv, b_qkv=b_qkv,
-        q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None), w_o=_relayout(a.o_proj, transposed),
-        b_o=a.o_proj.bias, w_gate_up=w_gu, w_down=_relayout(mlp.down_proj, transposed), act=mlp.act_fn,
-    )
+def rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tensor:
+    """`rope` in four ops instead of seven, bit for bit: rotate-half is a roll by D/2 with the first
+    half's sign moved into the table ((-a) * b == a * (-b) exactly). sin_s from `signed_sin`."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_s
 
 
 class PrefillStopped(Exception):
@@ -101,47 +53,52 @@ class Runner:
         self.desc = d = lm.desc
         self.embed = hf.model.embed_tokens
         self.rotary = hf.model.rotary_emb
-        self.norm = hf.model.norm
-        self.lm_head = hf.lm_head
-        # Weight layout for the GEMMs this runner will mostly do (see _storage); the HF modules keep
-        # views of the same storage, so nothing is held twice.
-        self.transposed = d.dtype == torch.float32 and d.device.type == "cpu" and max_slots <= 2
-        self.layers = [layer_weights(l, self.transposed) for l in hf.model.layers]
-        _relayout(self.lm_head, self.transposed)  # tied to the embedding: row lookups don't mind
+        self.norm = Norm(hf.model.norm)
+        # Fused and laid out for the GEMMs this runner will mostly do (kvchat/engine/weights.py).
+        self.weights = Weights.of(lm, max_slots)
+        self.layers, self.lm_head = self.weights.layers, self.weights.lm_head
         self.scale = getattr(hf.model.layers[0].self_attn, "scaling", d.head_dim**-0.5)
         self.n_q, self.n_kv, self.D = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.head_dim
         self.group = d.n_heads // d.n_kv_heads
         self.methods = list(methods)
         self.stats = {"prefill_tokens": 0, "prefill_layer_tokens": 0, "kv_projections": 0}
 
-    def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin):
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin_s):
         """h (N, hidden) -> q (N, H_q, D), k_pre, k, v (N, H_kv, D); RoPE applied to q and k (k_pre is
-        the key before RoPE: what a low-rank format stores)."""
-        N = h.shape[0]
+        the key before RoPE: what a low-rank format stores). q, k and v are views of one matmul's
+        output; q and k are rotated in one call."""
+        N, nq, nk, D = h.shape[0], self.n_q, self.n_kv, self.D
         self.stats["kv_projections"] += N
-        qkv = F.linear(h, lw.w_qkv, lw.b_qkv)
-        q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
-        q, k, v = q.view(N, -1, self.D), k.view(N, -1, self.D), v.view(N, -1, self.D)
+        qkv = lw.qkv(h)  # (N, nq + 2 nk)
+        v = qkv[:, nq + nk :].view(N, -1, D)
+        k_pre = qkv[:, nq : nq + nk].view(N, -1, D)
         if lw.q_norm is not None:
-            q, k = lw.q_norm(q), lw.k_norm(k)
-        return rope(q, cos, sin), k, rope(k, cos, sin), v
+            q, k_pre = lw.q_norm(qkv[:, :nq].view(N, -1, D)), lw.k_norm(k_pre)
+            return rope_rolled(q, cos, sin_s), k_pre, rope_rolled(k_pre, cos, sin_s), v
+        qk = rope_rolled(qkv[:, : nq + nk].view(N, -1, D), cos, sin_s)  # (N, H_q + H_kv, D)
+        Hq = nq // D
+        return qk[:, :Hq], k_pre, qk[:, Hq:], v
 
-    def _q(self, lw: LayerWeights, h: torch.Tensor, cos, sin):
+    def _q(self, lw: LayerWeights, h: torch.Tensor, cos, sin_s):
         """h (N, hidden) -> q (N, H_q, D) only: a layer reading another layer's store."""
         N = h.shape[0]
-        b = None if lw.b_qkv is None else lw.b_qkv[: self.n_q]
-        q = F.linear(h, lw.w_qkv[: self.n_q], b).view(N, -1, self.D)
+        q = lw.q(h).view(N, -1, self.D)
         if lw.q_norm is not None:
             q = lw.q_norm(q)
-        return rope(q, cos, sin)
+        return rope_rolled(q, cos, sin_s)
 
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(lw.post_norm(x), lw.w_gate_up).chunk(2, dim=-1)
-        return x + F.linear(lw.act(gate) * up, lw.w_down)
+        gate, up = lw.gate_up(lw.post_norm(x)).chunk(2, dim=-1)
+        return x + lw.down(lw.act(gate) * up)
 
     def _rope_tables(self, x, positions):
         cos, sin = self.rotary(x, positions.view(1, -1))  # (1, N, D)
         return cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
+
+    def _rope_signed(self, x, positions):
+        """-> cos, signed sin (N, 1, D) for `rope_rolled`: computed once a forward, shared by every layer."""
+        cos, sin = self._rope_tables(x, positions)
+        return cos, signed_sin(sin)
 
     def rotate(self, k: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Keys k (N, D) rotated at positions `old` -> the same keys at positions `new`. RoPE rotations
@@ -166,7 +123,7 @@ class Runner:
         True raises PrefillStopped (the caller rolls the chunk back)."""
         methods = self.methods if methods is None else methods
         x = self.embed(ids)  # (T, hidden)
-        cos, sin = self._rope_tables(x, positions)  # (T, 1, D), gathered alongside x when tokens drop
+        cos, sin = self._rope_signed(x, positions)  # (T, 1, D), gathered alongside x when tokens drop
         self.stats["prefill_tokens"] += ids.shape[0]
         store.stats = {}
         for li, lw in enumerate(self.layers):
@@ -188,7 +145,7 @@ class Runner:
             stats = store.stats[li] = StepStats(self.group, rows=rows, slot=slot)
             if trace is not None:
                 trace(li, {"h": h, "q": q, "k_pre": k_pre, "k": k, "v": v, "rows": rows})
-            x = x + F.linear(attn.reshape(x.shape[0], -1), lw.w_o, lw.b_o)
+            x = x + lw.o(attn.reshape(x.shape[0], -1))
             x = self._mlp(lw, x)
             for m in methods:
                 keep = m.after_prefill_layer(PrefillCtx(li, slot, store, positions, stats, start))
@@ -205,25 +162,27 @@ class Runner:
                positions: torch.Tensor) -> torch.Tensor:
         """One token for each of `slots` (B,); -> logits (B, vocab)."""
         x = self.embed(ids)  # (B, hidden)
-        cos, sin = self._rope_tables(x, positions)
+        cos, sin = self._rope_signed(x, positions)  # once a step, for every layer
         B = ids.shape[0]
         store.stats = {}
+        methods = self.methods
         for li, lw in enumerate(self.layers):
             h = lw.in_norm(x)
-            fmt = store.format(li)
+            fmt = store.layers[li]
             if store.owns(li):
                 q, k_pre, k, v = self._qkv(lw, h, cos, sin)
                 fmt.append_step(slots, slots_t, k_pre, k, v, positions)
-                for m in self.methods:  # every method counts the new token before any of them evicts
+                for m in methods:  # every method counts the new token before any of them evicts
                     m.on_append(li, slots, 1)
             else:
                 q = self._q(lw, h, cos, sin)
-            want = any(m.decode_colsum(li) for m in self.methods)
-            attn, colsum = fmt.attend_decode(q, slots_t, self.scale, want)
+            want = any(m.decode_colsum(li) for m in methods) if methods else False
+            attn, colsum = fmt.attend_decode(q, slots, slots_t, self.scale, want)
             stats = store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
-            x = x + F.linear(attn.reshape(B, -1), lw.w_o, lw.b_o)
+            x = x + lw.o(attn.view(B, -1))
             x = self._mlp(lw, x)
-            ctx = DecodeCtx(li, store, slots, stats)
-            for m in self.methods:
-                m.after_decode_layer(ctx)
+            if methods:
+                ctx = DecodeCtx(li, store, slots, stats)
+                for m in methods:
+                    m.after_decode_layer(ctx)
         return self.logits(x)

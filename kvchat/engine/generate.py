@@ -20,6 +20,7 @@ from kvchat.engine.layout import build_formats, resolve_aliases
 from kvchat.engine.probe import Probe
 from kvchat.engine.forcing import Forcing
 from kvchat.engine.detok import Detokenizer, StopMatcher
+from kvchat.engine import threads
 from kvchat.engine.sampling import SamplingParams, sample
 from kvchat.engine.seq import Request, Result, Seq, logprobs_of
 from kvchat.errors import PromptTooLong
@@ -61,6 +62,7 @@ class Engine(Forcing):
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.max_ctx = self.desc.max_positions
         self.peak_live = 0
+        self.threads = threads.shared() if self.desc.device.type == "cpu" else None  # None: fixed threads
 
     # ---- one sequence ------------------------------------------------------------------------------
     def check_prompt(self, req: Request, past: int = 0) -> list[int]:
@@ -90,6 +92,8 @@ class Engine(Forcing):
         parts = []
         for i in range(0, len(ids), chunk):
             part = ids[i : i + chunk]
+            if self.threads is not None:
+                self.threads.before_step()
 
             def between_layers(layer: int, i=i, n=len(part)) -> bool:
                 if on_progress is not None:
@@ -212,6 +216,8 @@ class Engine(Forcing):
         """One decode step feeding `tokens[i]` to `seqs[i]` (sampled, or forced for teacher-forced
         scoring); the methods and formats run as in generation. -> logits (B, vocab)."""
         dev = self.desc.device
+        if self.threads is not None:
+            self.threads.before_step()
         slots = [s.slot for s in seqs]
         slots_t = torch.tensor(slots, device=dev)
         ids = torch.tensor(tokens, device=dev)

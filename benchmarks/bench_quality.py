@@ -30,11 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "profiles"
 
 
-def code_hash() -> str:
+def code_hash(prof=None) -> str:
+    """What a config's answers depend on: the engine, the store, calibrations, the method interface and
+    the files of the config's own methods (editing one method does not re-run the others)."""
     h = hashlib.sha1()
-    for d in ("kvchat/methods", "kvchat/calibration", "kvchat/engine", "kvchat/cache"):
-        for p in sorted((ROOT / d).glob("*.py")):
-            h.update(p.read_bytes())
+    files = [p for d in ("kvchat/engine", "kvchat/cache", "kvchat/calibration") for p in sorted((ROOT / d).glob("*.py"))]
+    files.append(ROOT / "kvchat/methods/base.py")
+    if prof is not None:
+        import inspect
+
+        files += sorted({Path(inspect.getfile(type(m))) for m in prof.methods})
+    for p in files:
+        h.update(p.read_bytes())
     return h.hexdigest()[:10]
 
 
@@ -112,7 +119,7 @@ def _extra_fan_types():
         return ()
 
 
-def run_fanned(lm, specs, cases, cache: dict, out, tag: str, verbose: bool) -> None:
+def run_fanned(lm, specs, cases, cache: dict, out, tags: dict, verbose: bool) -> None:
     """Answer every case under every spec in `specs` (all fannable, all with the same needs_bias)."""
     import copy
 
@@ -125,7 +132,7 @@ def run_fanned(lm, specs, cases, cache: dict, out, tag: str, verbose: bool) -> N
     runner = Runner(lm, [])
     engines = {s: Engine(lm, load_config(s), runner=runner) for s in specs}
     for case in cases:
-        todo = [s for s in specs if f"{tag}|{s}|{case.task}|{case.seed}|{case.n_tokens}" not in cache]
+        todo = [s for s in specs if f"{tags[s]}|{s}|{case.task}|{case.seed}|{case.n_tokens}" not in cache]
         if not todo:
             continue
         fan = make_fan([engines[s].methods[0] for s in todo])
@@ -163,7 +170,7 @@ def run_fanned(lm, specs, cases, cache: dict, out, tag: str, verbose: bool) -> N
                  "held_end": round(end.held / end.full, 4), "prefill_s": round(t_prefill, 3),
                  "generated": len(seq.out), "decode_s": round(time.perf_counter() - t, 3)}
             st.free_slot(0)
-            key = f"{tag}|{s}|{case.task}|{case.seed}|{case.n_tokens}"
+            key = f"{tags[s]}|{s}|{case.task}|{case.seed}|{case.n_tokens}"
             cache[key] = r
             if out is not None:
                 out.write(json.dumps({"key": key, **r}) + "\n")
@@ -234,10 +241,10 @@ def main() -> None:
             if line.strip():
                 r = json.loads(line)
                 cache[r.pop("key")] = r
-    tag = code_hash()
+    tags = {s: code_hash(load_config(s)) for s in a.config}
     seeds = sorted({c.seed for c in cases})
     print(f"{len(cases)} cases: {a.split} seeds {seeds[0]}-{seeds[-1]}, lengths {a.lengths}, "
-          f"{min(len(c.prompt_ids) for c in cases)}-{max(len(c.prompt_ids) for c in cases)} tokens, code {tag}")
+          f"{min(len(c.prompt_ids) for c in cases)}-{max(len(c.prompt_ids) for c in cases)} tokens, code {code_hash()}")
     print("| config | held | " + " | ".join(tasks) + " | found | vs full |")
     print("|---|---|" + "---|" * len(tasks) + "---|---|")
     full_found = None
@@ -247,7 +254,7 @@ def main() -> None:
         for bias in (False, True):
             group = [s for s in a.config if load_config(s).methods[0].needs_bias() == bias]
             if group:
-                run_fanned(lm, group, cases, fan_cache, None, "fan", False)
+                run_fanned(lm, group, cases, fan_cache, None, {s: "fan" for s in group}, False)
         for spec in a.config:
             solo = run_config(lm, spec, cases, {}, None, "solo", False)
             fanned = [fan_cache[f"fan|{spec}|{c.task}|{c.seed}|{c.n_tokens}"] for c in cases]
@@ -265,10 +272,10 @@ def main() -> None:
                     groups.setdefault(p.methods[0].needs_bias(), []).append(s)
             for specs in groups.values():
                 if len(specs) > 1:
-                    run_fanned(lm, specs, cases, cache, out, tag, a.verbose)
+                    run_fanned(lm, specs, cases, cache, out, tags, a.verbose)
         for spec in a.config:
             t = time.perf_counter()
-            rows = run_config(lm, spec, cases, cache, out, tag, a.verbose)
+            rows = run_config(lm, spec, cases, cache, out, tags[spec], a.verbose)
             if spec == "full":
                 full_found = sum(r["correct"] for r in rows)
             print(summary(spec, rows, tasks, full_found) + f"  ({time.perf_counter() - t:.0f} s)", flush=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvchat.methods.base import Method, PrefillCtx
+from kvchat.methods.base import Method, PrefillCtx, same_tokens
 
 
 def density(rows: torch.Tensor, n: int) -> float:
@@ -40,12 +40,15 @@ def density(rows: torch.Tensor, n: int) -> float:
     return float(((var - var.min()) / span).mean()) if span > 0 else 0.0
 
 
-def layer_budgets(sigma: list[float], n_tokens: int, ratio: float, min_budget: int) -> list[int | None]:
-    """Tokens each layer keeps (None = uncompressed: layers 0, 1 and L-1)."""
+def layer_budgets(sigma: list[float], n_tokens: int, ratio: float, min_budget: int, edges: bool = True,
+                  dynamic: bool = True) -> list[int | None]:
+    """Tokens each layer keeps (None = uncompressed: layers 0, 1 and L-1 when `edges`); `dynamic`
+    spreads them by density, otherwise every layer keeps `ratio`."""
     L = len(sigma)
-    w = torch.softmax(-torch.tensor(sigma), 0)
+    w = torch.softmax(-torch.tensor(sigma), 0) if dynamic else torch.full((L,), 1.0 / L)
     ratios = (w * L * ratio).clamp(0.01, 1.0).tolist()
-    return [None if l in (0, 1, L - 1) else max(int(r * n_tokens), min_budget) for l, r in enumerate(ratios)]
+    return [None if edges and l in (0, 1, L - 1) else max(int(r * n_tokens), min_budget)
+            for l, r in enumerate(ratios)]
 
 
 def max_similarity(ev_k, kept_k, index=False):
@@ -91,6 +94,11 @@ class D2O(Method):
     sink: int = 4
     obs_window: int = 16
     tau_ema: float = 0.5
+    merge: bool = True
+    edges: bool = True
+    dynamic: bool = True
+    pool: int = 1
+    heads: str = "kv"
 
     def __post_init__(self):
         self._float("ratio", lo=0.0, hi=1.0, lo_open=True)
@@ -99,6 +107,14 @@ class D2O(Method):
         self._int("sink", lo=0)
         self._int("obs_window", lo=1)
         self._float("tau_ema", lo=0.0, hi=1.0)
+        for key in ("merge", "edges", "dynamic"):
+            if not isinstance(getattr(self, key), bool):
+                raise self._err(key, "must be true or false", getattr(self, key))
+        self._int("pool", lo=1)
+        if self.pool % 2 == 0:
+            raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
+        if self.heads not in ("kv", "layer"):
+            raise self._err("heads", "must be kv or layer", self.heads)
         self._slots: dict[int, _SlotState] = {}
 
     @classmethod
@@ -131,7 +147,8 @@ class D2O(Method):
 
     def after_prefill(self, store, slot: int) -> None:
         state = self._slots[slot]
-        state.budgets = layer_budgets(state.sigma, store.seen[slot], self.ratio, self.min_budget)
+        state.budgets = layer_budgets(state.sigma, store.seen[slot], self.ratio, self.min_budget, self.edges,
+                                      self.dynamic)
         for layer, budget in enumerate(state.budgets):
             if budget is None:  # never compressed: no scores to keep up to date
                 state.scores[layer] = state.n[layer] = None
@@ -140,7 +157,7 @@ class D2O(Method):
 
     # ---- decode ------------------------------------------------------------------------------------
     def decode_colsum(self, layer: int) -> bool:
-        return 1 < layer < self.desc.n_layers - 1
+        return not self.edges or 1 < layer < self.desc.n_layers - 1
 
     def on_append(self, layer: int, slots, n: int) -> None:
         for slot in slots:
@@ -190,7 +207,9 @@ class D2O(Method):
         n = scores.shape[0]
         rec = min(int(budget * self.recent_share), n)
         hh = max(budget - rec, 0)
-        old = scores[: n - rec].clone()
+        old = scores[: n - rec].clone().float()
+        if self.pool > 1 and old.numel():
+            old = F.max_pool1d(old.view(1, 1, -1), self.pool, stride=1, padding=self.pool // 2).view(-1)
         old[: self.sink] = float("inf")
         top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
         return torch.cat([top, torch.arange(n - rec, n)])
@@ -199,9 +218,16 @@ class D2O(Method):
         lens = list(store.lengths(layer, slot))
         if max(lens) <= budget:
             return
+        scores = state.scores[layer]
+        if self.heads == "layer" and same_tokens(store, layer, slot):  # one token set for the whole layer
+            scores = scores.sum(0, keepdim=True).expand_as(scores)
+        keeps = [self.keep_indices(scores[h, :n], budget) if n > budget else torch.arange(n)
+                 for h, n in enumerate(lens)]
+        if not self.merge:
+            store.compact(layer, slot, keeps)
+            return
         plans = []
-        for h, n in enumerate(lens):
-            keep = self.keep_indices(state.scores[layer][h, :n], budget) if n > budget else torch.arange(n)
+        for h, (n, keep) in enumerate(zip(lens, keeps)):
             gone = torch.ones(n, dtype=torch.bool)
             gone[keep] = False
             plans.append((keep, gone.nonzero().flatten(), store.read(layer, slot, h)))

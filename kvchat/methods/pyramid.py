@@ -51,6 +51,18 @@ def cosine_schedule(layer: int, n_layers: int, floor: float) -> float:
     return (1 - floor) * (math.cos(math.pi * layer / n_layers) + 1) / 2 + floor
 
 
+def context_shares(n_layers: int, decay: float, schedule: str) -> list[float]:
+    """Share of a chunk's context each layer keeps. `geometric`: decay ** (l / (L - 1)), so the last
+    layer keeps `decay`; `cosine` (the paper): the running product of cosine_schedule factors."""
+    if schedule == "geometric":
+        return [decay ** (l / max(1, n_layers - 1)) for l in range(n_layers)]
+    out, c = [], 1.0
+    for l in range(n_layers):
+        c *= cosine_schedule(l, n_layers, decay)
+        out.append(c)
+    return out
+
+
 def pivotal(scores: torch.Tensor, positions: torch.Tensor, k: int, sink: int) -> torch.Tensor:
     """Sorted indices of the k top-scoring tokens; positions < sink always win. scores, positions (C,)."""
     s = scores.float().masked_fill(positions < sink, float("inf"))
@@ -118,9 +130,11 @@ class PyramidInfer(Method):
     obs_window: int = 16
     heads: str = "max"
     carry: float = 1.0
+    schedule: str = "cosine"
+    recent: int = 0
 
     def __post_init__(self):
-        self._float("recent_ratio", lo=0.0, hi=1.0, lo_open=True)
+        self._float("recent_ratio", lo=0.0, hi=1.0)
         self._float("decay", lo=0.0, hi=1.0, lo_open=True)
         self._int("min_context", lo=1)
         self._int("sink", lo=0)
@@ -135,6 +149,11 @@ class PyramidInfer(Method):
         if self.heads not in ("mean", "max", "group"):
             raise self._err("heads", "must be mean, max or group", self.heads)
         self._float("carry", lo=0.0, hi=1.0)
+        if self.schedule not in ("geometric", "cosine"):
+            raise self._err("schedule", "must be geometric or cosine", self.schedule)
+        self._int("recent", lo=0)
+        if self.recent == 0 and self.recent_ratio == 0:
+            raise self._err("recent", "must be >= 1 when recent_ratio is 0 (the last token always stays)", 0)
         self._w = 0  # recent window of the chunk being prefilled (r + 1), always kept
         self._rows = 0  # scoring queries of the chunk: obs_window, or r + 1 when it is 0
         self._acc = None  # (C,) scores carried from earlier layers for the context tokens still alive
@@ -143,7 +162,7 @@ class PyramidInfer(Method):
     def bind(self, desc, probe=None) -> None:
         super().bind(desc, probe)
         L = desc.n_layers
-        self._prefill_s = [cosine_schedule(l, L, self.decay) for l in range(L)]
+        self._prefill_s = context_shares(L, self.decay, self.schedule)
         self._gen_keep = [max(int(self.gen_block * self.gen_compress * cosine_schedule(l, L, self.gen_decay)), 1)
                           for l in range(L)]
 
@@ -161,7 +180,8 @@ class PyramidInfer(Method):
     def after_prefill_layer(self, ctx: PrefillCtx):
         T = ctx.positions.shape[0]
         if ctx.layer == 0:  # layer 0 sees the whole chunk: fix the recent window for this chunk
-            self._w = int(self.recent_ratio * T) + 1
+            self._w = max(self.recent, int(self.recent_ratio * T) + 1)
+            self._c0 = T - min(self._w, T)  # the chunk's context: each layer keeps a share of it
             self._rows = self.obs_window or self._w
             self._acc = None
             L, H = self.desc.n_layers, self.desc.n_kv_heads
@@ -177,7 +197,7 @@ class PyramidInfer(Method):
         scores = distance_scores(rows, self.distance_weight, self.pool, self.heads, self.desc.n_kv_heads)[:C]
         if self.carry > 0:
             scores = self._acc = carried(scores, self._acc, self.carry)
-        k = max(int(C * s), self.min_context)
+        k = max(int(self._c0 * s), self.min_context)
         if s >= 1 or k >= C:
             return None
         top = pivotal(scores, ctx.positions[:C], k, self.sink)

@@ -4,11 +4,23 @@ Layer level: each layer's attention density is the variance over keys of its col
 normalised over query heads and averaged (sigma_l in [0, 1]). Budgets follow w = softmax(-sigma) over
 layers: ratio_l = clamp(w_l x L x `ratio`, 0.01, 1), budget_l = max(ratio_l x N, `min_budget`) tokens,
 so a 30-token prompt still keeps a usable cache. Layers 0, 1 and L-1 are never compressed (paper).
-Token level, per KV head (scores summed over the group's query heads; K/V are never repeated): a token's
-score is the attention it has received: at prefill the column sums of the last `obs_window` queries'
-rows (the engine computes those rows only; full column sums would credit early tokens for merely being
-seen by more queries), then each decode step's column sums. Each head keeps the first `sink` tokens, the
-top-scoring (1 - `recent_share`) of the budget among older tokens and the last `recent_share` of it.
+Token level: a token's score is the attention it has received: at prefill the column sums of the last
+`obs_window` queries' rows (the engine computes those rows only; full column sums would credit early
+tokens for merely being seen by more queries), then each decode step's column sums. `heads: kv` scores
+per KV head (summed over the group's query heads; K/V are never repeated) and each KV head keeps its own
+tokens; `heads: layer` sums over every query head and the layer's heads keep one token set (when they
+hold the same tokens: another per-head policy may have made them differ, then each keeps its own).
+Scores are max-pooled over `pool` neighbouring tokens (1 = off). Each head keeps the first `sink`
+tokens, the top-scoring (1 - `recent_share`) of the budget among older tokens and the last
+`recent_share` of it.
+
+Deviations, chosen on the tuning seeds of benchmarks/bench_quality.py (issue 15): the official code
+evicts per query head on repeated K/V (9 heads for SmolLM2's 3 KV heads: 3x the memory). Per KV head
+found 10/48 at 33% held (full 40/48); `heads: layer` with `pool: 7` 32/48 at the same share (a guess at why: in
+each KV group the heads that do not read the key outvote the one that does, and a 5-digit key is 5
+tokens that per-token top-k splits; SnapKV's pooling keeps them whole). `merge: false` drops instead of
+merging; `edges: false` compresses layers 0, 1 and L-1 too; `dynamic: false` gives every layer `ratio`.
+
 Evicted tokens merge into their most similar kept key when that cosine similarity u passes the
 threshold tau (EMA over evictions: tau <- (1 - `tau_ema`) tau + `tau_ema` mean max-similarity, first tau
 = the mean), weighted per kept token c as in Eq. 11-12: k_c <- (e k_c + sum_e exp(u_ec) k_e) /

@@ -11,8 +11,14 @@ head reaches budget + block_size tokens (the step's query scores the whole cache
 amortized and a head holds at most one block over the budget.
 
 The method keeps no per-token state: scores are read from the step's statistics (`store.stats`), which
-follow every compaction. Multi-turn: a new turn is appended, every stored token (earlier turns
-included) is scored by the new turn's last queries, and each layer evicts back to the new budget.
+follow every compaction.
+
+On kvchat's generated tasks (benchmarks/bench_quality.py, tuning seeds, ratio 0.3) per KV head found
+1/27, `heads: layer` 12/27, and `pool: 7` on top 19/24 (full 22/24): the shipped profile
+(profiles/tova.yaml) uses both; `pool` is SnapKV's neighbour pooling, not in the paper.
+
+Multi-turn: a new turn is appended, every stored token (earlier turns included) is scored by the new
+turn's last queries, and each layer evicts back to the new budget.
 """
 
 from __future__ import annotations

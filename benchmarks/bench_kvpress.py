@@ -135,12 +135,14 @@ def answer(model, tok, cache, logits, T: int, max_new: int = 24) -> str:
     return tok.decode(out, skip_special_tokens=True).split("\n")[0]
 
 
-def plan(tok, split, lengths, cases, tasks):
+def plan(tok, split, lengths, cases, tasks, take=None):
+    """bench_quality.py's cases; `take`: only the first `take` of each task and length (a subset of the
+    same seeds, for a shorter run)."""
     from kvchat.quality import make_case, seeds
 
     seed_list = seeds(split, cases * len(lengths))
     return [make_case(t, n, seed_list[j * cases + k], tok)
-            for j, n in enumerate(lengths) for t in tasks for k in range(cases)]
+            for j, n in enumerate(lengths) for t in tasks for k in range(min(cases, take or cases))]
 
 
 def check(model, tok, cases, configs) -> None:
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--split", default="heldout", choices=("heldout", "tuning"))
     ap.add_argument("--lengths", default="1536,2048")
     ap.add_argument("--cases", type=int, default=12, help="cases per task and length")
+    ap.add_argument("--take", type=int, default=None, help="only the first TAKE cases of each task and length")
     ap.add_argument("--tasks", default="passkey,reassign")
     ap.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".bench_kvpress.jsonl"))
     ap.add_argument("--threads", type=int, default=2)
@@ -182,7 +185,7 @@ def main() -> None:
 
     model, tok = load()
     tasks = a.tasks.split(",")
-    cases = plan(tok, a.split, [int(x) for x in a.lengths.split(",")], a.cases, tasks)
+    cases = plan(tok, a.split, [int(x) for x in a.lengths.split(",")], a.cases, tasks, a.take)
     configs = [(p, float(k)) for p in a.presses.split(",") for k in a.kept.split(",")]
     if a.check:
         return check(model, tok, cases, configs)

@@ -65,7 +65,7 @@ def test_shipped_profiles_load(name):
 @pytest.mark.parametrize("method, params, needle", [
     ("razor", {"recent": -4}, "razor.recent must be >= 1, got -4"),
     ("pyramidinfer", {"decay": 1.3}, "pyramidinfer.decay must be <= 1.0, got 1.3"),
-    ("pyramidinfer", {"recent_ratio": -0.1}, "pyramidinfer.recent_ratio must be > 0.0, got -0.1"),
+    ("pyramidinfer", {"recent_ratio": -0.1}, "pyramidinfer.recent_ratio must be >= 0.0, got -0.1"),
     ("d2o", {"ratio": 1.5}, "d2o.ratio must be <= 1.0, got 1.5"),
     ("d2o", {"obs_window": -1}, "d2o.obs_window must be >= 1, got -1"),
     ("d2o", {"budget": 3}, "unknown key d2o.budget; d2o accepts ratio, recent_share"),

@@ -1,6 +1,11 @@
-"""pyramid, razor and d2o on the embedded SmolLM2: needle retrieval, savings, bounded decode, calibration.
+"""pyramid, razor, d2o and tova on the embedded SmolLM2: retrieval on generated cases, savings, bounded
+decode, calibration.
 
-The needle tests run benchmarks/bench_methods.py's six depths (issue 6: each method finds >= 5 of 6).
+The retrieval tests answer kvchat.quality's generated cases from the TUNING seed range only (the
+held-out range is for reported figures, never for tests or defaults): seeds 0-5 at ~1.5k tokens for
+passkey and reassign, 12 cases covering every filler and phrasing. Each method must find at least 90%
+of what `full` finds on the same cases (less one case, for the small sample) at the held share its
+profile states (issue 15).
 """
 
 from __future__ import annotations
@@ -9,12 +14,13 @@ from __future__ import annotations
 import pytest
 
 from conftest import bench_module
+from kvchat.quality import DEFAULT_TASKS, make_case, seeds
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
 bench = bench_module()
-TARGET = {"pyramid": 0.50, "razor": 0.35, "d2o": 0.40}
+TARGET = {"pyramid": 0.50, "razor": 0.35, "d2o": 0.40, "tova": 0.35}
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +29,37 @@ def lm(embedded):
 
 
 @pytest.fixture(scope="module")
-def prompts(lm):
-    return bench.needles(lm, 1600)  # 6 depths, the benchmark's prompts
+def cases(lm):
+    return [make_case(t, 1536, s, lm.tokenizer) for t in DEFAULT_TASKS for s in seeds("tuning", 6)]
 
 
-@pytest.mark.parametrize("name", ["pyramid", "razor", "d2o"])
-def test_needle_found_with_savings(lm, prompts, name):
-    r = bench.run_needles(lm, name, prompts)
-    assert len(prompts) == 6 and r["found"] >= 5, r
-    assert r["held"] <= TARGET[name], r
+@pytest.fixture(scope="module")
+def prompts(lm, cases):
+    return [(c.prompt_ids, c.answer) for c in cases if c.task == "passkey"]
+
+
+def answer(lm, name, cases):
+    from kvchat.engine import Engine
+    from kvchat.quality.evaluate import run_case
+
+    eng = Engine(lm, bench.profile(name))
+    return [run_case(eng, c, 24) for c in cases]
+
+
+@pytest.fixture(scope="module")
+def full_found(lm, cases):
+    return sum(r["correct"] for r in answer(lm, "full", cases))
+
+
+@pytest.mark.parametrize("name", ["pyramid", "razor", "d2o", "tova"])
+def test_generated_cases_found_with_savings(lm, cases, full_found, name):
+    rows = answer(lm, name, cases)
+    found = sum(r["correct"] for r in rows)
+    held = sum(r["held_prefill"] for r in rows) / len(rows)
+    bad = [(r["task"], r["seed"], r["filler"], r["phrasing"], r["text"]) for r in rows if not r["correct"]]
+    assert {c.filler for c in cases} == {r["filler"] for r in rows}
+    assert found >= int(0.9 * full_found) - 1, (found, full_found, bad)
+    assert held <= TARGET[name], held
 
 
 def test_pyramid_prefill_skips_dropped_tokens_in_later_layers(lm):
@@ -39,7 +67,7 @@ def test_pyramid_prefill_skips_dropped_tokens_in_later_layers(lm):
     layers after a selection never see the dropped tokens."""
     from kvchat.engine import Engine, SamplingParams
 
-    ids = bench.needle_prompt(lm.tokenizer, 2000, 0.5, 12345)
+    ids = make_case("passkey", 2048, seeds("tuning", 1)[0], lm.tokenizer).prompt_ids
     work = {}
     for name in ("full", "pyramid"):
         eng = Engine(lm, bench.profile(name))
@@ -51,7 +79,7 @@ def test_pyramid_prefill_skips_dropped_tokens_in_later_layers(lm):
 
 @pytest.mark.parametrize("name", ["razor", "d2o"])
 def test_decode_held_bytes_bounded(lm, prompts, name):
-    marks = bench.forced_decode(lm, name, prompts[1][0], steps=96, every=32)  # depth 20%
+    marks = bench.forced_decode(lm, name, prompts[1][0], steps=96, every=32)
     grown = [h - marks[0][1] for _, h, _ in marks]
     per_token = lm.desc.kv_bytes_per_token
     # d2o: each compressed layer holds budget..budget + one block; razor: only retrieval heads grow.

@@ -26,6 +26,7 @@ from kvchat.methods.kvquant import KVQuant
 from kvchat.methods.kvsharer import KVSharer
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
+from kvchat.methods.tova import TOVA
 from kvchat.methods.window import Window
 from kvchat.profiles import Profile
 
@@ -38,6 +39,7 @@ COMPRESSING = {
     "razor": lambda: RazorAttention(sink=2, recent=24, window_ratio=0.0, echo_ratio=0.1, induction_ratio=0.2,
                                     calib_tokens=16, calib_repeats=2),
     "d2o": lambda: D2O(ratio=0.3, min_budget=24, obs_window=8),
+    "tova": lambda: TOVA(ratio=0.3, min_budget=24),
 }
 FORMATS = {"half": lambda: Half(residual=8, group=8), "kivi": lambda: Kivi(bits=4, group=8, residual=8),
            "kvquant": lambda: KVQuant(bits=4, group=8, block=8),

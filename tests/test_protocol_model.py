@@ -10,8 +10,10 @@ from test_protocol import check_consistent
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.d2o import D2O
 from kvchat.methods.half import Half
+from kvchat.methods.kivi import Kivi
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
+from kvchat.methods.tova import TOVA
 from kvchat.methods.window import Window
 from kvchat.profiles import Profile
 
@@ -25,7 +27,9 @@ TEXT = ("The lighthouse keeper wrote in his log every evening. The storm came fr
     lambda: [Window(sink=4, recent=96), D2O(ratio=0.25, min_budget=64)],
     lambda: [PyramidInfer(), RazorAttention(recent=64)],
     lambda: [RazorAttention(recent=64), D2O(ratio=0.25, min_budget=64), Half()],
-], ids=["window+d2o", "pyramid+razor", "razor+d2o+half"])
+    lambda: [TOVA(ratio=0.3, min_budget=64), Kivi(bits=4)],
+    lambda: [RazorAttention(recent=64), TOVA(ratio=0.3, min_budget=64, heads="layer")],
+], ids=["window+d2o", "pyramid+razor", "razor+d2o+half", "tova+kivi4", "razor+tova"])
 def test_compositions_on_the_embedded_model(embedded, methods):
     eng = Engine(embedded, Profile("c", methods=methods()), max_slots=2)
     prompts = [chat_ids(embedded, TEXT + "Where did the storm come from?"),

@@ -9,6 +9,7 @@ from kvchat.methods.kvquant import KVQuant
 from kvchat.methods.kvsharer import KVSharer
 from kvchat.methods.pyramid import PyramidInfer
 from kvchat.methods.razor import RazorAttention
+from kvchat.methods.tova import TOVA
 from kvchat.methods.window import Window
 
 REGISTRY: dict[str, type[Method]] = {
@@ -16,6 +17,7 @@ REGISTRY: dict[str, type[Method]] = {
     PyramidInfer.name: PyramidInfer,
     RazorAttention.name: RazorAttention,
     D2O.name: D2O,
+    TOVA.name: TOVA,
     Half.name: Half,
     Kivi.name: Kivi,
     KVQuant.name: KVQuant,

@@ -30,6 +30,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from kvchat.errors import ProfileError
 
 
@@ -70,6 +72,14 @@ class DecodeCtx:
     def colsum(self):
         """(B, H_kv, T) attention mass each stored token received this step, if asked for."""
         return self.stats.colsum
+
+
+def same_tokens(store, layer: int, slot: int) -> bool:
+    """Every KV head of (layer, slot) holds the same positions: a policy may then score tokens once for
+    the whole layer (another per-head policy may have made the heads differ)."""
+    heads = range(len(store.lengths(layer, slot)))
+    pos = [store.read(layer, slot, h).pos for h in heads]
+    return all(torch.equal(p, pos[0]) for p in pos)
 
 
 class Method:

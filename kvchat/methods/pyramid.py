@@ -1,27 +1,37 @@
 """pyramidinfer: PyramidInfer, layer-wise pivotal-context selection (https://arxiv.org/abs/2405.12532).
 
 Prefill, per layer l >= 1: the chunk's last `obs_window` queries score every older token of the chunk
-by their attention, later queries weighted more (`distance_weight`). The top C_l x s_l context tokens
-are kept, s_l = decay + (1 - decay)(cos(pi l / L) + 1) / 2 (layer 0 keeps everything), with at least
-`min_context`, plus the first `sink` positions and the recent r+1 tokens (r = recent_ratio x chunk
-length). The dropped tokens leave the residual stream, so the next layer never computes them (the
-compute saving), and this layer's store is compacted to the same tokens (the memory saving). Context
-shrinks multiplicatively with depth. Only the scoring rows are computed, never the (T, T) matrix.
+by their attention, later queries weighted more (`distance_weight`). Layer l keeps the top C_0 x c_l
+of the chunk's C_0 context tokens (at least `min_context`), plus the first `sink` positions and the
+recent window of max(`recent`, recent_ratio x chunk length + 1) tokens. `schedule: cosine` is the
+paper's: c_l is the running product of s_j = decay + (1 - decay)(cos(pi j / L) + 1) / 2, j <= l (layer 0
+keeps everything). `schedule: geometric`: c_l = decay ** (l / (L - 1)), so the last layer keeps `decay`
+of the context. The dropped tokens leave the residual stream, so the next layer never computes them
+(the compute saving), and this layer's store is compacted to the same tokens (the memory saving).
+Only the scoring rows are computed, never the (T, T) matrix.
 
-Deviations, all measured on the 6-depth needle of benchmarks/bench_methods.py with SmolLM2-135M (the
-paper's scoring - head mean over all r+1 recent queries, each layer alone - found 1/6 at 47% held):
+Why the key was dropped (issue 15): with the cosine product at decay 0.5 (the old default; the paper's
+0.9 holds ~77% of the KV), c_l falls below 64 / C_0 from layer ~19 of 30, so 11 layers kept only the
+`min_context` 64 best of ~1,400 context tokens and lost the key's digits on most generated prompts
+(11/24 on the tuning seeds, full 22/24). The geometric schedule spends the same memory more evenly (the
+last layer keeps 15% of the context at decay 0.15; 45% of the context on average over layers).
+
+Deviations from the paper, each chosen on the tuning seeds of benchmarks/bench_quality.py (issue 15;
+the shipped profile says which values) or on the 6-depth needle of benchmarks/bench_methods.py:
+- `schedule: geometric` (above); `cosine` = the paper.
+- `recent`: a fixed recent window (32 tokens, the question and the template's tail) instead of 10-20%
+  of the prompt, which spent a tenth of the budget on the filler before the question.
 - `pool`: scores are max-pooled over neighbouring tokens (SnapKV's clustering) so a selected token keeps
   its neighbours; per-token selection split the 5 one-digit tokens of a key. `pool: 1` = the paper.
 - `obs_window`: only the last 16 queries score (SnapKV/D2O's observation window), decoupled from the kept
-  recent window; the paper's r+1 = 160 queries are mostly filler whose attention drowns the question's.
+  recent window; the paper's r+1 queries are mostly filler whose attention drowns the question's.
   `obs_window: 0` = the paper (r+1 queries).
 - `heads: max`: a token's score is its highest over query heads (`group`: max within each KV group,
   then mean; `mean` = the paper): the few heads that look up the key are averaged away by the rest.
 - `carry`: layer l selects by its own normalised scores plus `carry` x the carried scores of layers < l
-  (1 = the sum over layers so far; 0 = the paper, each layer alone). Single middle layers (2, 5, 9, 13, 16
-  here) rank the key in the bottom half, and a product schedule loses it at the first of them; the sum
-  ranks it in the top 9% from layer 4 on. Selection stays per layer and by the last queries' attention.
-Tuned defaults find 6/6 at 47% held on 1.2k-2k-token prompts, three seeds.
+  (1 = the sum over layers so far; 0 = the paper, each layer alone). Single middle layers rank the key
+  low and a layer that drops it loses it for every later layer; on the tuning seeds carry 1 found 21/24,
+  carry 0 18/24 (geometric schedule, pool 21). Selection stays per layer and by the last queries' attention.
 
 Decode: generated tokens are compressed per layer, one block of `gen_block` tokens at a time, once that
 many have piled up behind the recent window: the block keeps max(gen_block x gen_compress x t_l, 1)
@@ -49,6 +59,18 @@ from kvchat.methods.base import Method, PrefillCtx
 def cosine_schedule(layer: int, n_layers: int, floor: float) -> float:
     """1 at layer 0, falling along a half cosine towards `floor` at the last layer."""
     return (1 - floor) * (math.cos(math.pi * layer / n_layers) + 1) / 2 + floor
+
+
+def context_shares(n_layers: int, decay: float, schedule: str) -> list[float]:
+    """Share of a chunk's context each layer keeps. `geometric`: decay ** (l / (L - 1)), so the last
+    layer keeps `decay`; `cosine` (the paper): the running product of cosine_schedule factors."""
+    if schedule == "geometric":
+        return [decay ** (l / max(1, n_layers - 1)) for l in range(n_layers)]
+    out, c = [], 1.0
+    for l in range(n_layers):
+        c *= cosine_schedule(l, n_layers, decay)
+        out.append(c)
+    return out
 
 
 def pivotal(scores: torch.Tensor, positions: torch.Tensor, k: int, sink: int) -> torch.Tensor:
@@ -118,9 +140,11 @@ class PyramidInfer(Method):
     obs_window: int = 16
     heads: str = "max"
     carry: float = 1.0
+    schedule: str = "cosine"
+    recent: int = 0
 
     def __post_init__(self):
-        self._float("recent_ratio", lo=0.0, hi=1.0, lo_open=True)
+        self._float("recent_ratio", lo=0.0, hi=1.0)
         self._float("decay", lo=0.0, hi=1.0, lo_open=True)
         self._int("min_context", lo=1)
         self._int("sink", lo=0)
@@ -135,6 +159,11 @@ class PyramidInfer(Method):
         if self.heads not in ("mean", "max", "group"):
             raise self._err("heads", "must be mean, max or group", self.heads)
         self._float("carry", lo=0.0, hi=1.0)
+        if self.schedule not in ("geometric", "cosine"):
+            raise self._err("schedule", "must be geometric or cosine", self.schedule)
+        self._int("recent", lo=0)
+        if self.recent == 0 and self.recent_ratio == 0:
+            raise self._err("recent", "must be >= 1 when recent_ratio is 0 (the last token always stays)", 0)
         self._w = 0  # recent window of the chunk being prefilled (r + 1), always kept
         self._rows = 0  # scoring queries of the chunk: obs_window, or r + 1 when it is 0
         self._acc = None  # (C,) scores carried from earlier layers for the context tokens still alive
@@ -143,7 +172,7 @@ class PyramidInfer(Method):
     def bind(self, desc, probe=None) -> None:
         super().bind(desc, probe)
         L = desc.n_layers
-        self._prefill_s = [cosine_schedule(l, L, self.decay) for l in range(L)]
+        self._prefill_s = context_shares(L, self.decay, self.schedule)
         self._gen_keep = [max(int(self.gen_block * self.gen_compress * cosine_schedule(l, L, self.gen_decay)), 1)
                           for l in range(L)]
 
@@ -161,7 +190,8 @@ class PyramidInfer(Method):
     def after_prefill_layer(self, ctx: PrefillCtx):
         T = ctx.positions.shape[0]
         if ctx.layer == 0:  # layer 0 sees the whole chunk: fix the recent window for this chunk
-            self._w = int(self.recent_ratio * T) + 1
+            self._w = max(self.recent, int(self.recent_ratio * T) + 1)
+            self._c0 = T - min(self._w, T)  # the chunk's context: each layer keeps a share of it
             self._rows = self.obs_window or self._w
             self._acc = None
             L, H = self.desc.n_layers, self.desc.n_kv_heads
@@ -177,7 +207,7 @@ class PyramidInfer(Method):
         scores = distance_scores(rows, self.distance_weight, self.pool, self.heads, self.desc.n_kv_heads)[:C]
         if self.carry > 0:
             scores = self._acc = carried(scores, self._acc, self.carry)
-        k = max(int(C * s), self.min_context)
+        k = max(int(self._c0 * s), self.min_context)
         if s >= 1 or k >= C:
             return None
         top = pivotal(scores, ctx.positions[:C], k, self.sink)

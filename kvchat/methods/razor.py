@@ -44,6 +44,7 @@ class RazorAttention(Method):
     calib_tokens: int = 256
     calib_repeats: int = 4
     calib_seed: int = 2025
+    compensation: bool = True
 
     def __post_init__(self):
         self._int("sink", lo=0)
@@ -54,6 +55,8 @@ class RazorAttention(Method):
         self._int("calib_tokens", lo=8)
         self._int("calib_repeats", lo=2)
         self._int("calib_seed", lo=0)
+        if not isinstance(self.compensation, bool):
+            raise self._err("compensation", "must be true or false", self.compensation)
         self._window: dict[int, int] = {}  # slot -> W
         self._count: dict[int, torch.Tensor] = {}  # slot -> (L, H_kv) tokens folded into the comp token
         self._comp: dict[int, list[list[int]]] = {}  # slot -> [layer][head] storage index of the comp token, -1 none
@@ -85,7 +88,7 @@ class RazorAttention(Method):
         self._folding = [not bool(self._retrieval[l].all()) for l in range(desc.n_layers)]
 
     def needs_bias(self) -> bool:
-        return True
+        return self.compensation
 
     @classmethod
     def keep_all(cls) -> "RazorAttention":
@@ -149,6 +152,9 @@ class RazorAttention(Method):
             drop = n - W - base
             if self._retrieval[layer, h] or drop <= 0:
                 keeps.append(torch.arange(n))
+                continue
+            if not self.compensation:  # sinks and the window only: the dropped tokens are gone
+                keeps.append(torch.cat([torch.arange(base), torch.arange(n - W, n)]))
                 continue
             new[h] = self._compensation(store, layer, slot, h, c, base, drop, float(count[h]))
             count[h] += drop

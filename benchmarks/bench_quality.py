@@ -170,15 +170,20 @@ def run_fanned(lm, specs, cases, cache: dict, out, tags: dict, verbose: bool) ->
                  "held_end": round(end.held / end.full, 4), "prefill_s": round(t_prefill, 3),
                  "generated": len(seq.out), "decode_s": round(time.perf_counter() - t, 3)}
             st.free_slot(0)
-            key = f"{tags[s]}|{s}|{case.task}|{case.seed}|{case.n_tokens}"
-            cache[key] = r
-            if out is not None:
-                out.write(json.dumps({"key": key, **r}) + "\n")
-                out.flush()
-            if verbose:
-                print(f"  {s[:40]:40} {case.task:8} {case.seed:5} {case.filler:9} p{case.phrasing} "
-                      f"{'ok ' if r['correct'] else 'BAD'} held {r['held_prefill']:.3f} {r['text'][:50]!r}",
-                      file=sys.stderr, flush=True)
+            record(cache, out, f"{tags[s]}|{s}|{case.task}|{case.seed}|{case.n_tokens}", r, s, case, verbose)
+
+
+def record(cache: dict, out, key: str, r: dict, spec: str, case, verbose: bool) -> None:
+    """One answered case: into the cache, appended to the cache file (so an interrupted sweep resumes),
+    and with -v a line on stderr."""
+    cache[key] = r
+    if out is not None:
+        out.write(json.dumps({"key": key, **r}) + "\n")
+        out.flush()
+    if verbose:
+        print(f"  {spec[:40]:40} {case.task:8} {case.seed:5} {case.filler:9} p{case.phrasing} "
+              f"{'ok ' if r['correct'] else 'BAD'} held {r['held_prefill']:.3f} {r['text'][:50]!r}",
+              file=sys.stderr, flush=True)
 
 
 def run_config(lm, spec: str, cases, cache: dict, out, tag: str, verbose: bool) -> list[dict]:
@@ -190,15 +195,7 @@ def run_config(lm, spec: str, cases, cache: dict, out, tag: str, verbose: bool) 
         key = f"{tag}|{spec}|{case.task}|{case.seed}|{case.n_tokens}"
         if key not in cache:
             engine = engine or Engine(lm, load_config(spec))
-            r = run_case(engine, case, 24)
-            cache[key] = r
-            if out is not None:
-                out.write(json.dumps({"key": key, **r}) + "\n")
-                out.flush()
-            if verbose:
-                print(f"  {spec[:40]:40} {case.task:8} {case.seed:5} {case.filler:9} p{case.phrasing} "
-                      f"{'ok ' if r['correct'] else 'BAD'} held {r['held_prefill']:.3f} {r['text'][:50]!r}",
-                      file=sys.stderr, flush=True)
+            record(cache, out, key, run_case(engine, case, 24), spec, case, verbose)
         rows.append(cache[key])
     return rows
 

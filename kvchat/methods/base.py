@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvchat.errors import ProfileError
 
@@ -80,6 +81,22 @@ def same_tokens(store, layer: int, slot: int) -> bool:
     heads = range(len(store.lengths(layer, slot)))
     pos = [store.read(layer, slot, h).pos for h in heads]
     return all(torch.equal(p, pos[0]) for p in pos)
+
+
+def per_layer(scores: torch.Tensor, store, layer: int, slot: int) -> torch.Tensor:
+    """(H_kv, L) per-head scores -> every head given the layer's total, so the heads keep one token set;
+    unchanged where the heads hold different tokens."""
+    if same_tokens(store, layer, slot):
+        return scores.sum(0, keepdim=True).expand_as(scores)
+    return scores
+
+
+def neighbour_max(scores: torch.Tensor, pool: int) -> torch.Tensor:
+    """(n,) scores -> each token's best score within a centred window of `pool` tokens (odd; 1 = as is):
+    SnapKV's pooling, so a selected token keeps its neighbours and a multi-token fact stays whole."""
+    if pool <= 1 or not scores.numel():
+        return scores
+    return F.max_pool1d(scores.view(1, 1, -1), pool, stride=1, padding=pool // 2).view(-1)
 
 
 class Method:
@@ -153,6 +170,11 @@ class Method:
             raise self._err(key, "must be an integer", v)
         if lo is not None and v < lo:
             raise self._err(key, f"must be >= {lo}", v)
+
+    def _pool(self, key: str = "pool") -> None:
+        self._int(key, lo=1)
+        if getattr(self, key) % 2 == 0:
+            raise self._err(key, "must be odd (a window centred on each token)", getattr(self, key))
 
     def _float(self, key: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> None:
         v = getattr(self, key)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvchat.methods.base import Method, PrefillCtx, same_tokens
+from kvchat.methods.base import Method, PrefillCtx, neighbour_max, per_layer
 
 
 def density(rows: torch.Tensor, n: int) -> float:
@@ -122,9 +122,7 @@ class D2O(Method):
         for key in ("merge", "edges", "dynamic"):
             if not isinstance(getattr(self, key), bool):
                 raise self._err(key, "must be true or false", getattr(self, key))
-        self._int("pool", lo=1)
-        if self.pool % 2 == 0:
-            raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
+        self._pool()
         if self.heads not in ("kv", "layer"):
             raise self._err("heads", "must be kv or layer", self.heads)
         self._slots: dict[int, _SlotState] = {}
@@ -219,9 +217,7 @@ class D2O(Method):
         n = scores.shape[0]
         rec = min(int(budget * self.recent_share), n)
         hh = max(budget - rec, 0)
-        old = scores[: n - rec].clone().float()
-        if self.pool > 1 and old.numel():
-            old = F.max_pool1d(old.view(1, 1, -1), self.pool, stride=1, padding=self.pool // 2).view(-1)
+        old = neighbour_max(scores[: n - rec].clone().float(), self.pool)
         old[: self.sink] = float("inf")
         top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
         return torch.cat([top, torch.arange(n - rec, n)])
@@ -231,8 +227,8 @@ class D2O(Method):
         if max(lens) <= budget:
             return
         scores = state.scores[layer]
-        if self.heads == "layer" and same_tokens(store, layer, slot):  # one token set for the whole layer
-            scores = scores.sum(0, keepdim=True).expand_as(scores)
+        if self.heads == "layer":  # one token set for the whole layer
+            scores = per_layer(scores, store, layer, slot)
         keeps = [self.keep_indices(scores[h, :n], budget) if n > budget else torch.arange(n)
                  for h, n in enumerate(lens)]
         if not self.merge:

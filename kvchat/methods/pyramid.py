@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvchat.methods.base import Method, PrefillCtx
+from kvchat.methods.base import Method, PrefillCtx, neighbour_max
 
 
 def cosine_schedule(layer: int, n_layers: int, floor: float) -> float:
@@ -93,9 +93,7 @@ def distance_scores(rows: torch.Tensor, weight: float, pool: int = 1, heads: str
         s = per_head.view(groups, -1, per_head.shape[-1]).max(1).values.mean(0)
     else:
         s = per_head.mean(0)
-    if pool > 1:
-        s = F.max_pool1d(s.view(1, 1, -1), pool, stride=1, padding=pool // 2).view(-1)
-    return s
+    return neighbour_max(s, pool)
 
 
 def carried(scores: torch.Tensor, prev: torch.Tensor | None, carry: float) -> torch.Tensor:
@@ -152,9 +150,7 @@ class PyramidInfer(Method):
         self._int("gen_block", lo=1)
         self._float("gen_compress", lo=0.0, hi=1.0, lo_open=True)
         self._float("gen_decay", lo=0.0, hi=1.0, lo_open=True)
-        self._int("pool", lo=1)
-        if self.pool % 2 == 0:
-            raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
+        self._pool()
         self._int("obs_window", lo=0)
         if self.heads not in ("mean", "max", "group"):
             raise self._err("heads", "must be mean, max or group", self.heads)

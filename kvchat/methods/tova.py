@@ -26,9 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-from kvchat.methods.base import Method, same_tokens
+from kvchat.methods.base import Method, neighbour_max, per_layer
 
 
 @dataclass
@@ -48,9 +46,7 @@ class TOVA(Method):
         self._int("obs_window", lo=1)
         if self.heads not in ("kv", "layer"):
             raise self._err("heads", "must be kv or layer", self.heads)
-        self._int("pool", lo=1)
-        if self.pool % 2 == 0:
-            raise self._err("pool", "must be odd (a window centred on each token)", self.pool)
+        self._pool()
         self._budget: dict[int, int] = {}  # slot -> tokens each head keeps
 
     @classmethod
@@ -70,17 +66,13 @@ class TOVA(Method):
         """mass (H_kv, L) attention each stored token got, summed over a KV group's query heads -> (H_kv, L)
         scores; `heads: layer` gives every head the layer's total where the heads hold the same tokens
         (another policy may have made them differ: then each head keeps its own)."""
-        if self.heads == "layer" and same_tokens(store, layer, slot):
-            return mass.sum(0, keepdim=True).expand_as(mass)
-        return mass
+        return per_layer(mass, store, layer, slot) if self.heads == "layer" else mass
 
     def keep(self, score: torch.Tensor, n: int, budget: int) -> torch.Tensor:
         """score (>= n,) of one head's n tokens -> the sorted storage indices it keeps."""
         if n <= budget:
             return torch.arange(n)
-        s = score[:n].float().clone()
-        if self.pool > 1:  # a token keeps its neighbours' best score: multi-token facts stay whole
-            s = F.max_pool1d(s.view(1, 1, -1), self.pool, stride=1, padding=self.pool // 2).view(-1)
+        s = neighbour_max(score[:n].float().clone(), self.pool)
         s[: self.sink] = float("inf")
         return torch.topk(s, budget).indices.sort().values
 

@@ -1,4 +1,5 @@
-"""Which implementation runs: the Triton kernel on CUDA, the torch reference elsewhere."""
+"""Which implementation runs: the Triton kernel on CUDA; on the CPU kernels/cpu.py's native ops where
+they are built (kernels without a native form take the torch reference then), else the reference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 
 import torch
 
-IMPLS = ("ref", "triton")
+from kvchat_kernels import cpu
+
+IMPLS = ("ref", "triton", "native")
 
 
 @functools.cache
@@ -25,7 +28,7 @@ def interpreting() -> bool:
 
 
 def choose_impl(device: torch.device, impl: str | None = None) -> str:
-    """`impl`, then `KVCHAT_KERNELS`, wins; otherwise Triton on CUDA, else ref.
+    """`impl`, then `KVCHAT_KERNELS`, wins; otherwise Triton on CUDA, native on a CPU that has it, else ref.
 
     TRITON_INTERPRET=1 does not switch CPU tensors to Triton by itself: tests pass `impl="triton"`.
     """
@@ -35,7 +38,11 @@ def choose_impl(device: torch.device, impl: str | None = None) -> str:
             raise ValueError(f"KVCHAT_KERNELS must be one of {', '.join(IMPLS)}, got {mode!r}")
         if mode == "triton" and not triton_available():
             raise RuntimeError("KVCHAT_KERNELS=triton but triton is not importable (pip install triton)")
+        if mode == "native" and not cpu.available():
+            raise RuntimeError(f"KVCHAT_KERNELS=native but the native CPU ops are unavailable: {cpu.status()}")
         return mode
     if device.type == "cuda" and triton_available():
         return "triton"
+    if device.type == "cpu" and cpu.enabled():
+        return "native"
     return "ref"

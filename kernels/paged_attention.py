@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from kvchat_kernels import cpu
 from kvchat_kernels.dispatch import choose_impl
 from kvchat_kernels.store_ops import index_rows
 
@@ -87,8 +88,8 @@ def paged_decode_attention_ref(q, k_pool, v_pool, block_table, lengths, scale, b
 
 def paged_decode_attention_cpu(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, return_colsum=False,
                                max_len=None, min_len=None):
-    """The CPU decode path: the reference, or for one slot whose blocks fill most of the pool, attention
-    over the whole pool without gathering K and V.
+    """The CPU decode path without the native ops: the reference, or for one slot whose blocks fill most
+    of the pool, attention over the whole pool without gathering K and V.
 
     One slot's blocks are most of a trimmed pool, so two plain matmuls over the pool read every K and V
     row once: scores of all query heads against every pooled token (the other heads' blocks cost
@@ -381,12 +382,17 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_table, lengths, scale
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, return_colsum=False, impl=None,
                            max_len=None, min_len=None):
-    """Dispatcher: the Triton split-K kernel on CUDA, `paged_decode_attention_cpu` elsewhere. `max_len` /
-    `min_len`: the longest and shortest head when the caller knows them on the host (see the reference)."""
-    if choose_impl(q.device, impl) == "triton":
+    """Dispatcher: the Triton split-K kernel on CUDA, kernels/cpu.py's native attention on a CPU that has
+    it, `paged_decode_attention_cpu` elsewhere. `max_len` / `min_len`: the longest and shortest head when the caller knows them on the host (see the reference)."""
+    mode = choose_impl(q.device, impl)
+    if mode == "triton":
         if lengths is None:
             raise ValueError("the Triton decode kernel needs the lengths tensor")
         return paged_decode_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum,
                                              max_len=max_len)
+    if (mode == "native" and cpu.decode_attention_ok(q, k_pool, v_pool, block_table, lengths)
+            and (lengths is not None or max_len == min_len)):
+        return cpu.decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum,
+                                    max_len=max_len, min_len=min_len)
     return paged_decode_attention_cpu(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum,
                                       max_len=max_len, min_len=min_len)

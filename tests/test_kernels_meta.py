@@ -27,7 +27,12 @@ def test_kernels_import_nothing_from_kvchat():
 
 
 def test_choose_impl_defaults(monkeypatch):
+    from kvchat_kernels import cpu
+
     monkeypatch.delenv("KVCHAT_KERNELS", raising=False)
+    assert cpu.available(), f"the native CPU ops must build on this machine: {cpu.status()}"
+    assert choose_impl(torch.device("cpu")) == "native"
+    monkeypatch.setenv("KVCHAT_NATIVE", "0")
     assert choose_impl(torch.device("cpu")) == "ref"
     assert choose_impl(torch.device("cuda")) == ("triton" if triton_available() else "ref")
 

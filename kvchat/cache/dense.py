@@ -55,9 +55,10 @@ class DenseFormat(Format):
 
     def append_step(self, slots, slots_t, k_pre, k, v, pos) -> None:
         """k, v (B, H_kv, D); pos (B,)."""
-        vals = {"k": k, "v": v, "pos": pos.to(torch.int32).repeat_interleave(self.n_kv)}  # (B * H_kv,)
+        B = k.shape[0]
+        vals = {"k": k, "v": v, "pos": pos.to(torch.int32).view(B, 1).expand(B, self.n_kv)}  # (B, H_kv)
         if self.with_bias:
-            vals["bias"] = torch.zeros(k.shape[0] * self.n_kv, device=self.device)
+            vals["bias"] = torch.zeros((), device=self.device).expand(B, self.n_kv)
         self.pages.append_step(slots, slots_t, vals)
 
     def read(self, slot: int, head: int, idx: torch.Tensor | None = None) -> Tokens:

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from kvchat_kernels import choose_impl, store_gather, store_write
+from kvchat_kernels import choose_impl, cpu, store_gather, store_write
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # pool name -> (trailing shape, dtype)
 
@@ -42,6 +42,8 @@ class PagedPools:
         self.block_bytes = sum(math.prod(shape) * torch.empty((), dtype=dt).element_size()
                                for shape, dt in specs.values()) * block_size  # across every pool
         self.impl = choose_impl(torch.device(device))  # once: a decode step does not ask again
+        # the CPU's native append (kernels/cpu.py): pools are contiguous CPU tensors, grown by torch.cat
+        self.native = self.impl == "native"
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -149,8 +151,8 @@ class PagedPools:
         self._stale = True
 
     def append_step(self, slots: list[int], slots_t: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        """Append one token to every head of each slot. values[name]: (B, n_heads, *trailing), or already
-        flat (B * n_heads, *trailing).
+        """Append one token to every head of each slot. values[name]: (B, n_heads, *trailing) (B and heads
+        may be strided or broadcast), or already flat (B * n_heads, *trailing).
 
         Where each token goes is host arithmetic on the mirrored table (a decode step's hot path: no
         tensor ops for the indices); the values go in with one index_copy_ per pool."""
@@ -165,6 +167,11 @@ class PagedPools:
             for h in range(self.n_heads):
                 lens[h] += 1
         self._stale = True
+        if self.native and all(cpu.scatter_ok(pool, values[n]) for n, pool in self.pools.items()):
+            flat = cpu.rows_array(rows)  # one memcpy per row, no tensor ops (kernels/cpu.py)
+            for name, pool in self.pools.items():
+                cpu.scatter_rows(pool, values[name], flat)
+            return
         flat = torch.tensor(rows, device=self.device)  # (B * H,) token rows of the flattened pools
         if self.impl == "triton":
             store_write(list(self.pools.values()), flat // bs, flat % bs,
@@ -183,7 +190,7 @@ class PagedPools:
         mx, mn = max(lens), min(lens)
         s0, B = slots[0], len(slots)
         table = self.table[s0 : s0 + B] if slots == list(range(s0, s0 + B)) else self.table[slots_t]
-        lengths = None if (mx == mn and self.impl == "ref") else self.lengths[slots_t]
+        lengths = None if (mx == mn and self.impl != "triton") else self.lengths[slots_t]
         return table, lengths, mx, mn
 
     def locate(self, slot: int, head: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kvchat_kernels import cpu
 from kvchat.cache.stats import StepStats
 from kvchat.engine.weights import LayerWeights, Norm, Weights
 from kvchat.methods.base import DecodeCtx, PrefillCtx
@@ -61,7 +62,17 @@ class Runner:
         self.n_q, self.n_kv, self.D = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.head_dim
         self.group = d.n_heads // d.n_kv_heads
         self.methods = list(methods)
+        self.native = self._native_ok(lm)
         self.stats = {"prefill_tokens": 0, "prefill_layer_tokens": 0, "kv_projections": 0}
+
+    def _native_ok(self, lm) -> bool:
+        """Decode runs kernels/cpu.py's fused ops: a CPU model in float32/bfloat16 whose norms are plain
+        RMSNorms, whose MLP is SiLU-gated and which has no Q/K norms (chosen once; KVCHAT_NATIVE=0 off)."""
+        if lm.desc.device.type != "cpu" or lm.desc.dtype not in (torch.float32, torch.bfloat16) or not cpu.enabled():
+            return False
+        norms = [self.norm] + [n for lw in self.layers for n in (lw.in_norm, lw.post_norm)]
+        return (all(n.fused and n.weight.dtype == lm.desc.dtype and n.weight.is_contiguous() for n in norms)
+                and all(lw.q_norm is None and type(lw.act).__name__ in ("SiLU", "SiLUActivation") for lw in self.layers))
 
     def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin_s):
         """h (N, hidden) -> q (N, H_q, D), k_pre, k, v (N, H_kv, D); RoPE applied to q and k (k_pre is
@@ -161,6 +172,8 @@ class Runner:
     def decode(self, store, slots: list[int], slots_t: torch.Tensor, ids: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
         """One token for each of `slots` (B,); -> logits (B, vocab)."""
+        if self.native:
+            return self._decode_native(store, slots, slots_t, ids, positions)
         x = self.embed(ids)  # (B, hidden)
         cos, sin = self._rope_signed(x, positions)  # once a step, for every layer
         B = ids.shape[0]
@@ -186,3 +199,40 @@ class Runner:
                 for m in methods:
                     m.after_decode_layer(ctx)
         return self.logits(x)
+
+    def _decode_native(self, store, slots, slots_t, ids, positions) -> torch.Tensor:
+        """`decode` with a layer's small ops fused (kernels/cpu.py): each residual add with the norm after
+        it, RoPE of q and k, SiLU-and-multiply; the matmuls are the same Linear calls. Same results as the
+        torch path to float32 summation order (one bfloat16 rounding in attention)."""
+        x = self.embed(ids)  # (B, hidden), a fresh tensor: updated in place below
+        cos, sin = self._rope_signed(x, positions)
+        B, D, Hq = ids.shape[0], self.D, self.n_q // self.D
+        Hk = self.n_kv // self.D
+        store.stats = {}
+        methods, layers = self.methods, self.layers
+        first = layers[0].in_norm
+        x, h = cpu.add_rms_norm(x, None, first.weight, first.eps)
+        for li, lw in enumerate(layers):
+            fmt = store.layers[li]
+            if store.owns(li):
+                self.stats["kv_projections"] += B
+                qkv = lw.qkv(h)  # (B, nq + 2 nk)
+                qk = cpu.rope(qkv, Hq + Hk, D, cos, sin)  # (B, H_q + H_kv, D)
+                q, k = qk[:, :Hq], qk[:, Hq:]
+                k_pre = qkv[:, self.n_q : self.n_q + self.n_kv].view(B, -1, D)
+                fmt.append_step(slots, slots_t, k_pre, k, qkv[:, self.n_q + self.n_kv :].view(B, -1, D), positions)
+                for m in methods:
+                    m.on_append(li, slots, 1)
+            else:
+                q = cpu.rope(lw.q(h), Hq, D, cos, sin)
+            want = any(m.decode_colsum(li) for m in methods) if methods else False
+            attn, colsum = fmt.attend_decode(q, slots, slots_t, self.scale, want)
+            stats = store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
+            x, h = cpu.add_rms_norm(x, lw.o(attn.reshape(B, -1)), lw.post_norm.weight, lw.post_norm.eps)
+            nxt = layers[li + 1].in_norm if li + 1 < len(layers) else self.norm
+            x, h = cpu.add_rms_norm(x, lw.down(cpu.silu_mul(lw.gate_up(h))), nxt.weight, nxt.eps)
+            if methods:
+                ctx = DecodeCtx(li, store, slots, stats)
+                for m in methods:
+                    m.after_decode_layer(ctx)
+        return self.lm_head(h).float()

@@ -2,6 +2,11 @@
 
 Q/K/V and gate/up are fused into one matmul each (fewer, larger ops). On the CPU the layout follows
 the dtype:
+- "native", where kernels/cpu.py is built and this CPU has AVX-512 (AVX512-BF16 for bfloat16): plain
+  row-major weights; a decode step's few rows run kernels/cpu_ops.c's streaming matmul, which walks
+  each thread's weight rows in address order. Measured on this project's 2-core EPYC (the model's 30
+  layers and head, one row, bfloat16): 10.5 ms vs 18.0 ms for oneDNN's packed GEMV below, results
+  equal but for float32 summation order. Prefill chunks (more rows) go to F.linear.
 - bfloat16 on a CPU that computes it (AVX512-BF16/AMX): every projection is packed once into oneDNN's
   blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does) and
   run by `_linear_pointwise`. Measured on this project's 2-core EPYC (30 layers and the head, weights
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvchat_kernels import cpu
+
 
 class Norm:
     """An RMSNorm module as one `F.rms_norm` call (one op instead of ~7 for HF's module); any other
@@ -43,14 +50,18 @@ class Norm:
 
 
 class Linear:
-    """x (N, in) -> (N, out). `packed`: w is in oneDNN's blocked layout (only `__call__` may read it)."""
+    """x (N, in) -> (N, out). `packed`: w is in oneDNN's blocked layout (only `__call__` may read it).
+    `native`: w is row-major and up to cpu.LINEAR_ROWS contiguous rows go to kernels/cpu.py's streaming
+    matmul (a decode step), more to F.linear (a prefill chunk)."""
 
-    __slots__ = ("w", "b", "packed")
+    __slots__ = ("w", "b", "packed", "native")
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, packed: bool = False):
-        self.w, self.b, self.packed = w, b, packed
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, packed: bool = False, native: bool = False):
+        self.w, self.b, self.packed, self.native = w, b, packed, native
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.shape[0] <= cpu.LINEAR_ROWS and x.is_contiguous():
+            return cpu.linear(x, self.w, self.b)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
         return F.linear(x, self.w, self.b)
@@ -88,9 +99,12 @@ class Weights:
 
 
 def choose_layout(dtype: torch.dtype, device: torch.device, max_slots: int) -> str:
-    """"packed" | "transposed" | "rows". KVCHAT_PACK=0 turns packing off (tests compare the two)."""
+    """"native" | "packed" | "transposed" | "rows". KVCHAT_NATIVE=0 turns the native matmul off and
+    KVCHAT_PACK=0 packing (tests compare the layouts)."""
     if device.type != "cpu":
         return "rows"
+    if cpu.enabled() and cpu.linear_ok(dtype):
+        return "native"
     pack = os.environ.get("KVCHAT_PACK", "1") != "0"
     if dtype == torch.bfloat16 and pack and packing_works(dtype):
         return "packed"
@@ -120,7 +134,8 @@ def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def _storage(w: torch.Tensor, layout: str) -> torch.Tensor:
-    """`w` (out, in) as the layout wants it: a view over (in, out) storage, packed, or row-major."""
+    """`w` (out, in) as the layout wants it: a view over (in, out) storage, packed, or row-major (rows,
+    native)."""
     if layout == "transposed":
         return w if w.stride(0) == 1 else w.t().contiguous().t()
     if layout == "packed":
@@ -146,14 +161,14 @@ def _fused(linears: list[torch.nn.Linear], layout: str) -> Linear:
         if b is not None:
             m.bias.data = b[off : off + n]
         off += n
-    return Linear(fused, b)
+    return Linear(fused, b, native=layout == "native")
 
 
 def _single(linear: torch.nn.Linear, layout: str, copy: bool = False) -> Linear:
     w = _storage(linear.weight.data, layout)
     if not copy:
         linear.weight.data = w if layout != "packed" else torch.empty(0, dtype=w.dtype)
-    return Linear(w, linear.bias, layout == "packed")
+    return Linear(w, linear.bias, layout == "packed", layout == "native")
 
 
 class _QRows:
@@ -173,7 +188,7 @@ class _QRows:
                 rows = Linear(w, None, True)(eye).t()[:n].contiguous()  # (n_q, in)
                 self.built = Linear(_storage(rows, "packed"), b, True)
             else:
-                self.built = Linear(w[:n], b)
+                self.built = Linear(w[:n], b, native=self.qkv.native)
         return self.built(x)
 
 

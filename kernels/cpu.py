@@ -1,0 +1,259 @@
+"""kvchat's native CPU decode ops (kernels/cpu_ops.c), built once per machine and called through ctypes.
+
+A decode step on the CPU spends as long in small ops as in its matmuls: each ATen op costs a few
+microseconds of dispatch for a few hundred bytes of work. cpu_ops.c fuses a layer's elementwise work and
+its decode attention into one call each. It is plain C (no torch headers: it compiles in about a second
+with the system's `cc`) built with `-O3 -march=native -fopenmp` into KVCHAT_HOME/native (key: the
+source, the compiler and this CPU's flags; written to a temporary name and renamed, so concurrent
+builds are safe) and linked against the libgomp torch has already loaded, so it runs on torch's threads.
+
+Without a C compiler, or with KVCHAT_NATIVE=0, `enabled()` is False and every caller keeps its torch
+path (the same results to float32 rounding; this is only speed). `status()` says which and why. Each function here has a
+torch reference it is tested against (tests/test_kernels_cpu.py): `add_rms_norm_ref`, kvchat's
+`rope_rolled`, `silu_mul_ref`, and `paged_decode_attention_ref`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SRC = Path(__file__).with_name("cpu_ops.c")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "kv_omp_threads": ([], ctypes.c_int),
+    "kv_add_rms_norm": ([_P, _P, _P, _P, _I, _I, _F, ctypes.c_int], None),
+    "kv_rope": ([_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int], None),
+    "kv_silu_mul": ([_P, _P, _I, _I, ctypes.c_int], None),
+    "kv_fast_linear": ([ctypes.c_int], ctypes.c_int),
+    "kv_linear": ([_P, _P, _P, _P, _I, _I, _I, ctypes.c_int], None),
+    "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
+    "kv_decode_attention": ([_P, _I] + [_P] * 7 + [_I] * 8 + [_F, ctypes.c_int], None),
+}
+_why_not = ""
+
+
+def _build_dir() -> Path:
+    home = os.environ.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat"
+    return Path(home).expanduser() / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str) -> Path:
+    """The shared library for this source, compiler and CPU, built if it is not there yet."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+    key = hashlib.sha256("\0".join([_SRC.read_text(), version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()
+    out = _build_dir() / f"cpu_ops-{key[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-400:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _lib():
+    """The loaded library, or None (the reason in `_why_not`)."""
+    global _why_not
+    cc = _compiler()
+    if cc is None:
+        _why_not = "no C compiler (install gcc, or set CC)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except Exception as e:  # a compiler that cannot build it: the torch path, with the reason kept
+        _why_not = f"build failed: {e}"
+        return None
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def available() -> bool:
+    """The library is built and loaded (whether or not KVCHAT_NATIVE=0 turns it off)."""
+    return _lib() is not None
+
+
+def enabled() -> bool:
+    """kvchat's CPU paths use the native ops: built, and not turned off by KVCHAT_NATIVE=0 (read at each
+    decision, so tests can compare the two paths; callers decide once per model, runner or store)."""
+    return os.environ.get("KVCHAT_NATIVE", "1") != "0" and available()
+
+
+def status() -> str:
+    """One line for `kvchat info` and the benchmarks: which path the CPU decode ops take, and why."""
+    if not available():
+        return f"torch ({_why_not})"
+    return "native (kernels/cpu_ops.c)" if enabled() else "torch (KVCHAT_NATIVE=0)"
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """The native ops take CPU tensors of one dtype, float32 or bfloat16."""
+    return available() and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors) \
+        and tensors[0].dtype in _DTYPES
+
+
+def threads() -> int:
+    """OpenMP's thread count as the library sees it (equal to torch.get_num_threads(): one libgomp)."""
+    return _lib().kv_omp_threads()
+
+
+# ---- decode matmuls -----------------------------------------------------------------------------------
+
+LINEAR_ROWS = 8  # `linear` takes up to this many rows (a decode step's batch); more go to torch
+
+
+def linear_ok(dtype: torch.dtype) -> bool:
+    """This CPU runs `linear` in `dtype` with vector instructions (AVX-512; AVX512-BF16 for bfloat16)."""
+    return available() and dtype in _DTYPES and bool(_lib().kv_fast_linear(_DTYPES[dtype]))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for x (M <= LINEAR_ROWS, K) contiguous, w (N, K) contiguous: -> (M, N)."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype)
+    _lib().kv_linear(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), M, N, K,
+                     _DTYPES[x.dtype])
+    return y
+
+
+# ---- RMSNorm with the residual add ------------------------------------------------------------------
+
+def add_rms_norm_ref(x, delta, w, eps):
+    """-> (x + delta, HF RMSNorm of it). delta may be None."""
+    if delta is not None:
+        x = x + delta
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return x, w * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float):
+    """x (N, dim) contiguous, updated in place by `+= delta` -> (x, normed (N, dim))."""
+    out = torch.empty_like(x)
+    _lib().kv_add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), w.data_ptr(), out.data_ptr(),
+                           x.shape[0], x.shape[1], eps, _DTYPES[x.dtype])
+    return x, out
+
+
+# ---- RoPE --------------------------------------------------------------------------------------------
+
+def rope(x: torch.Tensor, heads: int, D: int, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tensor:
+    """The first `heads` heads of each row of x (N, >= heads * D; rows may be strided, each row's heads
+    contiguous) rotated as kvchat's `rope_rolled` does -> (N, heads, D). cos, sin_s (N, 1, D) contiguous."""
+    N = x.shape[0]
+    out = torch.empty(N, heads, D, dtype=x.dtype)
+    _lib().kv_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin_s.data_ptr(), out.data_ptr(), N, heads, D,
+                   _DTYPES[x.dtype])
+    return out
+
+
+# ---- SiLU and multiply -------------------------------------------------------------------------------
+
+def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu (N, 2 I) contiguous, gate then up -> silu(gate) * up (N, I)."""
+    N, I2 = gu.shape
+    out = torch.empty(N, I2 // 2, dtype=gu.dtype)
+    _lib().kv_silu_mul(gu.data_ptr(), out.data_ptr(), N, I2 // 2, _DTYPES[gu.dtype])
+    return out
+
+
+# ---- the decode step's append -----------------------------------------------------------------------
+
+def scatter_ok(pool: torch.Tensor, val: torch.Tensor) -> bool:
+    """`scatter_rows` takes a value (B, H[, D]) of a contiguous CPU pool's dtype (n_blocks, bs[, D]) whose
+    rows are contiguous (B and H may be strided, or broadcast with stride 0). Called for every pool of
+    every layer of a decode step: only the checks a caller can get wrong."""
+    return val.dtype == pool.dtype and val.dim() == pool.dim() <= 3 and (val.dim() == 2 or val.stride(2) == 1)
+
+
+def scatter_rows(pool: torch.Tensor, val: torch.Tensor, rows) -> None:
+    """pool (n_blocks, bs, *row); row (b, h) of val goes to flat pool row rows[b * H + h] (rows: a ctypes
+    int64 array, from `rows_array`)."""
+    B, H = val.shape[:2]
+    es = val.element_size()
+    row_bytes = es * math.prod(pool.shape[2:])
+    _lib().kv_scatter_rows(pool.data_ptr(), val.data_ptr(), val.stride(0) * es, val.stride(1) * es, B, H, rows,
+                           row_bytes)
+
+
+def rows_array(rows: list[int]):
+    return (ctypes.c_int64 * len(rows))(*rows)
+
+
+# ---- decode attention --------------------------------------------------------------------------------
+
+def decode_attention_ok(q, k_pool, v_pool, block_table, lengths) -> bool:
+    """The layouts `decode_attention` takes: CPU tensors, K/V in q's dtype and contiguous, q's heads
+    contiguous within a row (rows may be strided: q may be a view of a fused Q/K tensor)."""
+    return (supports(q, k_pool, v_pool) and q.shape[-1] <= 512 and block_table.dtype == torch.int32
+            and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+            and (lengths is None or (lengths.dtype == torch.int32 and lengths.is_contiguous()))
+            and all(t.is_contiguous() for t in (k_pool, v_pool, block_table)))
+
+
+def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, return_colsum=False,
+                     max_len: int | None = None, min_len: int | None = None):
+    """`paged_decode_attention_ref`'s contract (kernels/paged_attention.py) in one call. max_len / min_len:
+    the longest and shortest head when the caller knows them; lengths may be None when they are equal."""
+    B, Hq, D = q.shape
+    Hkv, MB = block_table.shape[1], block_table.shape[2]
+    bs = k_pool.shape[1]
+    if max_len is None:
+        max_len = int(lengths.max()) if lengths.numel() else 0
+    if lengths is not None and min_len == max_len:
+        lengths = None  # every head holds max_len tokens: nothing per head to read
+    n_blocks = max(1, -(-max_len // bs))
+    if bias_pool is not None and (bias_pool.dtype != torch.float32 or not bias_pool.is_contiguous()):
+        bias_pool = bias_pool.float().contiguous()
+    T = n_blocks * bs
+    out = torch.empty(B, Hq, D, dtype=q.dtype)
+    probs = torch.empty(B, Hq, T, dtype=torch.float32)
+    _lib().kv_decode_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), block_table.data_ptr(),
+                               None if lengths is None else lengths.data_ptr(), None if bias_pool is None else bias_pool.data_ptr(),
+                               out.data_ptr(), probs.data_ptr(), B, Hq, Hkv, D, bs, MB, n_blocks, max_len,
+                               scale, _DTYPES[q.dtype])
+    if return_colsum:
+        return out, probs.view(B, Hkv, Hq // Hkv, T).sum(dim=2)
+    return out

@@ -1,0 +1,122 @@
+"""kernels/cpu.py's native ops against their torch references, on odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvchat_kernels import cpu
+from kvchat_kernels.paged_attention import paged_decode_attention_ref
+from kvchat.engine.forward import rope_rolled, signed_sin
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}  # relative to the largest magnitude
+
+
+def close(got, want, dtype, scale=None):
+    scale = scale or max(want.float().abs().max().item(), 1e-6)
+    err = (got.float() - want.float()).abs().max().item() / scale
+    assert err <= TOL[dtype], f"{dtype}: relative error {err:.2e}"
+
+
+def rand(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_the_library_builds_and_shares_torchs_threads():
+    assert cpu.available(), cpu.status()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu.threads() == 1
+        torch.set_num_threads(2)
+        assert cpu.threads() == 2  # one libgomp: torch's thread count is the native ops' count
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (2, 37, 100), (3, 64, 31), (5, 129, 1536), (8, 7, 16)])
+def test_linear_is_f_linear(dtype, M, N, K):
+    if not cpu.linear_ok(dtype):
+        pytest.fail(f"this machine runs kvchat's native {dtype} matmul (AVX-512{'-BF16' if dtype == torch.bfloat16 else ''})")
+    x, w, b = rand(M, K, dtype=dtype, seed=1), rand(N, K, dtype=dtype, seed=2), rand(N, dtype=dtype, seed=3)
+    for bias in (None, b):
+        close(cpu.linear(x, w, bias), F.linear(x, w, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 576), (3, 37), (9, 1000)])
+def test_add_rms_norm_is_the_residual_add_then_hf_rmsnorm(dtype, rows, dim):
+    x, d, w = rand(rows, dim, dtype=dtype, seed=1), rand(rows, dim, dtype=dtype, seed=2), rand(dim, dtype=dtype, seed=3)
+    want_x, want = cpu.add_rms_norm_ref(x, d, w, 1e-5)
+    got_x, got = cpu.add_rms_norm(x.clone(), d, w, 1e-5)
+    assert torch.equal(got_x, want_x)  # the add rounds as `x + d` does
+    close(got, want, dtype)
+    _, alone = cpu.add_rms_norm(x.clone(), None, w, 1e-6)
+    close(alone, cpu.add_rms_norm_ref(x, None, w, 1e-6)[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,heads,D,extra", [(1, 12, 64, 192), (4, 3, 10, 0), (2, 5, 128, 7)])
+def test_rope_is_rope_rolled_on_strided_rows(dtype, rows, heads, D, extra):
+    x = rand(rows, heads * D + extra, dtype=dtype, seed=1)  # rows strided: the fused Q/K/V output
+    cos, sin = rand(rows, 1, D, dtype=dtype, seed=2), rand(rows, 1, D, dtype=dtype, seed=3)
+    ss = signed_sin(sin).contiguous()
+    want = rope_rolled(x[:, : heads * D].view(rows, heads, D), cos, ss)
+    assert torch.equal(cpu.rope(x, heads, D, cos, ss), want)  # the same roundings, elementwise
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (3, 17)])
+def test_silu_mul(dtype, rows, inter):
+    gu = rand(rows, 2 * inter, dtype=dtype, seed=4) * 4
+    close(cpu.silu_mul(gu), cpu.silu_mul_ref(gu), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,bs", [(64, 16), (40, 5), (128, 8)])
+def test_decode_attention_is_the_reference(dtype, D, bs):
+    """Ragged heads, an empty head, a partial last block, logit bias, column sums, GQA, q rows strided."""
+    B, Hkv, G, NB = 3, 3, 3, 60
+    kp, vp = rand(NB, bs, D, dtype=dtype, seed=1), rand(NB, bs, D, dtype=dtype, seed=2)
+    table = torch.randperm(NB, generator=torch.Generator().manual_seed(3))[: B * Hkv * 6].view(B, Hkv, 6)
+    table = table.to(torch.int32).contiguous()
+    lengths = torch.tensor([[5 * bs + 1, 3, 0], [bs, 6 * bs, 2 * bs - 1], [1, bs + 3, 4 * bs]], dtype=torch.int32)
+    qk = rand(B, Hkv * G + Hkv, D, dtype=dtype, seed=4)
+    q = qk[:, : Hkv * G]  # a view: rows strided as the fused Q/K output's are
+    bias = torch.randn(NB, bs, generator=torch.Generator().manual_seed(5))
+    for b in (None, bias):
+        # against the float32 reference: the native op computes in float32 and rounds once (the bf16
+        # reference rounds its scores and probabilities to bf16 first)
+        want, want_cs = paged_decode_attention_ref(q.float(), kp.float(), vp.float(), table, lengths, 0.3, b, True)
+        assert cpu.decode_attention_ok(q, kp, vp, table, lengths)
+        got, cs = cpu.decode_attention(q, kp, vp, table, lengths, 0.3, b, True)
+        close(got, want, dtype, scale=1.0)
+        assert cs.shape == want_cs.shape
+        assert (cs - want_cs).abs().max() < (1e-5 if dtype == torch.float32 else 1e-3)
+        assert torch.all(got[0, 2 * G : 3 * G] == 0)  # the empty head
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_with_uniform_lengths_needs_no_lengths_tensor(dtype):
+    kp, vp = rand(12, 4, 16, dtype=dtype, seed=1), rand(12, 4, 16, dtype=dtype, seed=2)
+    table = torch.arange(12, dtype=torch.int32).view(1, 2, 6)
+    q = rand(1, 4, 16, dtype=dtype, seed=3)
+    lengths = torch.full((1, 2), 22, dtype=torch.int32)
+    want = paged_decode_attention_ref(q, kp, vp, table, lengths, 0.25)
+    close(cpu.decode_attention(q, kp, vp, table, None, 0.25, max_len=22, min_len=22), want, dtype, scale=1.0)
+
+
+def test_scatter_rows_writes_each_head_its_row():
+    pool = torch.zeros(4, 3, 5)
+    val = torch.arange(2 * 2 * 9, dtype=torch.float32).view(2, 2, 9)[:, :, 2:7]  # strided rows
+    rows = [0, 7, 11, 4]
+    cpu.scatter_rows(pool, val, cpu.rows_array(rows))
+    flat = pool.view(-1, 5)
+    for i, r in enumerate(rows):
+        assert torch.equal(flat[r], val[i // 2, i % 2])
+    pos = torch.zeros(4, 3, dtype=torch.int32)
+    cpu.scatter_rows(pos, torch.tensor([7, 9], dtype=torch.int32).view(2, 1).expand(2, 2), cpu.rows_array(rows))
+    assert pos.view(-1)[rows].tolist() == [7, 7, 9, 9]

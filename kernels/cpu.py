@@ -39,7 +39,7 @@ _SIGNATURES = {
     "kv_fast_linear": ([ctypes.c_int], ctypes.c_int),
     "kv_linear": ([_P, _P, _P, _P, _I, _I, _I, ctypes.c_int], None),
     "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
-    "kv_decode_attention": ([_P, _I] + [_P] * 7 + [_I] * 8 + [_F, ctypes.c_int], None),
+    "kv_decode_attention": ([_P, _I] + [_P] * 8 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
 }
 _why_not = ""
 
@@ -227,7 +227,8 @@ def rows_array(rows: list[int]):
 def decode_attention_ok(q, k_pool, v_pool, block_table, lengths) -> bool:
     """The layouts `decode_attention` takes: CPU tensors, K/V in q's dtype and contiguous, q's heads
     contiguous within a row (rows may be strided: q may be a view of a fused Q/K tensor)."""
-    return (supports(q, k_pool, v_pool) and q.shape[-1] <= 512 and block_table.dtype == torch.int32
+    return (supports(q, k_pool, v_pool) and q.shape[-1] <= 512 and q.shape[1] <= 8 * block_table.shape[1]
+            and block_table.dtype == torch.int32
             and q.stride(2) == 1 and q.stride(1) == q.shape[2]
             and (lengths is None or (lengths.dtype == torch.int32 and lengths.is_contiguous()))
             and all(t.is_contiguous() for t in (k_pool, v_pool, block_table)))
@@ -248,12 +249,15 @@ def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=N
     if bias_pool is not None and (bias_pool.dtype != torch.float32 or not bias_pool.is_contiguous()):
         bias_pool = bias_pool.float().contiguous()
     T = n_blocks * bs
+    # splits: enough work items for every thread four times over, none shorter than 64 tokens
+    splits = max(1, min(64, -(-4 * torch.get_num_threads() // (B * Hkv)), max_len // 64))
     out = torch.empty(B, Hq, D, dtype=q.dtype)
     probs = torch.empty(B, Hq, T, dtype=torch.float32)
+    part = torch.empty(B * Hkv * splits * (Hq // Hkv) * (D + 2), dtype=torch.float32)
     _lib().kv_decode_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), block_table.data_ptr(),
                                None if lengths is None else lengths.data_ptr(), None if bias_pool is None else bias_pool.data_ptr(),
-                               out.data_ptr(), probs.data_ptr(), B, Hq, Hkv, D, bs, MB, n_blocks, max_len,
-                               scale, _DTYPES[q.dtype])
+                               out.data_ptr(), probs.data_ptr(), part.data_ptr(), B, Hq, Hkv, D, bs, MB, n_blocks,
+                               max_len, splits, int(return_colsum), scale, _DTYPES[q.dtype])
     if return_colsum:
         return out, probs.view(B, Hkv, Hq // Hkv, T).sum(dim=2)
     return out

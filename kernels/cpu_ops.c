@@ -197,48 +197,46 @@ static inline __attribute__((always_inline)) void axpy_bf16(float *acc, float p,
     for (int64_t d = 0; d < D; d++) acc[d] += p * bf2f(v[d]);
 }
 
-/* One query head against one KV head's L tokens (blocks of bs rows): p[0:L] <- probabilities,
- * acc[0:D] <- their weighted sum of V. Inlined with D a constant for the usual head sizes. */
-static inline __attribute__((always_inline)) void attend_head(const float *qf, const void *k_pool,
-                                                              const void *v_pool, const int32_t *blocks, int64_t L,
-                                                              int64_t bs, const int64_t D, const float *bias,
-                                                              float scale, float *p, float *acc, int dt) {
-    float m = -INFINITY;
-    for (int64_t j = 0, t0 = 0; t0 < L; j++, t0 += bs) {
-        int64_t n = L - t0 < bs ? L - t0 : bs, row0 = (int64_t)blocks[j] * bs;
-        for (int64_t i = 0; i < n; i++) {
-            float s = 0.f;
-            if (dt) {
-                const bf16 *kr = (const bf16 *)k_pool + (row0 + i) * D;
-                s = dot_bf16(qf, kr, D);
-            } else {
-                s = dot_f32(qf, (const float *)k_pool + (row0 + i) * D, D);
+/* One split of one KV head: tokens [t0, t1) (in blocks of bs rows) for its G query heads qf (G, D).
+ * Each K and V row is read once for the whole group. -> p[g * T + t] = exp(score - m[g]) (unnormalized),
+ * m[g], l[g] (sum of p), acc[g * D ...] (sum of p v). */
+static inline __attribute__((always_inline)) void attend_split(const float *qf, int64_t G, const void *k_pool,
+                                                               const void *v_pool, const int32_t *blocks, int64_t t0,
+                                                               int64_t t1, int64_t bs, const int64_t D,
+                                                               const float *bias, float scale, float *p, int64_t T,
+                                                               float *m, float *l, float *acc, int dt) {
+    for (int64_t g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.f;
+    /* t0 is a multiple of bs (the caller splits on block boundaries): walk blocks, no divisions */
+    for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
+        int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
+        for (; t < end; t++, row++) {
+            float bt = bias ? bias[row] : 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float s = dt ? dot_bf16(qf + g * D, (const bf16 *)k_pool + row * D, D)
+                             : dot_f32(qf + g * D, (const float *)k_pool + row * D, D);
+                s = s * scale + bt;
+                p[g * T + t] = s;
+                m[g] = s > m[g] ? s : m[g];
             }
-            s *= scale;
-            if (bias) s += bias[row0 + i];
-            p[t0 + i] = s;
-            m = s > m ? s : m;
         }
     }
-    float l = 0.f;
-    if (m == -INFINITY) m = 0.f; /* every score -inf (fully masked): all weights 0 */
-#pragma omp simd reduction(+ : l)
-    for (int64_t t = 0; t < L; t++) {
-        float e = exp_neg(p[t] - m);
-        p[t] = e;
-        l += e;
+    for (int64_t g = 0; g < G; g++) {
+        float mg = m[g] == -INFINITY ? 0.f : m[g], lg = 0.f, *pg = p + g * T; /* all -inf: weights 0 */
+#pragma omp simd reduction(+ : lg)
+        for (int64_t t = t0; t < t1; t++) {
+            float e = exp_neg(pg[t] - mg);
+            pg[t] = e;
+            lg += e;
+        }
+        l[g] = lg;
+        for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0.f;
     }
-    float inv = l > 0.f ? 1.0f / l : 0.f;
-    for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
-    for (int64_t j = 0, t0 = 0; t0 < L; j++, t0 += bs) {
-        int64_t n = L - t0 < bs ? L - t0 : bs, row0 = (int64_t)blocks[j] * bs;
-        for (int64_t i = 0; i < n; i++) {
-            float pt = p[t0 + i] * inv;
-            p[t0 + i] = pt;
-            if (dt) {
-                axpy_bf16(acc, pt, (const bf16 *)v_pool + (row0 + i) * D, D);
-            } else {
-                axpy_f32(acc, pt, (const float *)v_pool + (row0 + i) * D, D);
+    for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
+        int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
+        for (; t < end; t++, row++) {
+            for (int64_t g = 0; g < G; g++) {
+                if (dt) axpy_bf16(acc + g * D, p[g * T + t], (const bf16 *)v_pool + row * D, D);
+                else axpy_f32(acc + g * D, p[g * T + t], (const float *)v_pool + row * D, D);
             }
         }
     }
@@ -248,28 +246,64 @@ static inline __attribute__((always_inline)) void attend_head(const float *qf, c
  * kernels/paged_attention.py): q (B, Hq, D), its rows `q_stride` elements apart (each row's heads
  * contiguous); k_pool, v_pool (n_blocks, bs, D); table (B, Hkv, max_blocks) int32; lengths (B, Hkv) int32,
  * or NULL when every head holds `uniform` tokens; bias (n_blocks, bs) float32 or NULL; out (B, Hq, D).
- * probs (B, Hq, T) float32 scratch, T = n_tab * bs (n_tab >= every head's block count): it holds each query
- * head's scores, then its probabilities (zeros past the head's length), which the caller sums into
- * column sums when a method asks. Scores, softmax and the weighted sum of V are float32; the output is
+ * Split-K as the Triton kernel: work item (slot, KV head, split) reads its share of the head's tokens
+ * once for the G query heads of the group (so `splits` keeps both cores busy at batch 1) and leaves a
+ * running max, sum and unnormalized output; a second pass merges a head's splits by log-sum-exp.
+ * probs (B, Hq, T) float32 scratch, T = n_tab * bs (n_tab >= every head's block count); with `want_probs`
+ * it ends as each query head's probabilities (zeros past the head's length), which the caller sums into
+ * column sums. part: (B * Hkv * splits * G * (D + 2)) float32 scratch. Float32 throughout; the output is
  * rounded once. An empty head outputs zeros. */
 void kv_decode_attention(const void *q, int64_t q_stride, const void *k_pool, const void *v_pool,
                          const int32_t *table, const int32_t *lengths, const float *bias, void *out, float *probs,
-                         int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, int64_t n_tab,
-                         int64_t uniform, float scale, int dt) {
-    int64_t G = Hq / Hkv, T = n_tab * bs;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * Hq; item++) {
-        int64_t b = item / Hq, hq = item % Hq, hk = hq / G;
-        int64_t L = lengths ? lengths[b * Hkv + hk] : uniform;
-        const int32_t *blocks = table + (b * Hkv + hk) * max_blocks;
-        float *p = probs + item * T;
-        float qf[512], acc[512]; /* D <= 512, checked by the caller */
-        load_row(qf, (const char *)q + (b * q_stride + hq * D) * (dt ? 2 : 4), D, dt);
-        if (D == 64) attend_head(qf, k_pool, v_pool, blocks, L, bs, 64, bias, scale, p, acc, dt);
-        else if (D == 128) attend_head(qf, k_pool, v_pool, blocks, L, bs, 128, bias, scale, p, acc, dt);
-        else attend_head(qf, k_pool, v_pool, blocks, L, bs, D, bias, scale, p, acc, dt);
-        for (int64_t t = L; t < T; t++) p[t] = 0.f;
-        for (int64_t d = 0; d < D; d++) st(out, item * D + d, acc[d], dt);
+                         float *part, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
+                         int64_t n_tab, int64_t uniform, int64_t splits, int want_probs, float scale, int dt) {
+    int64_t G = Hq / Hkv, T = n_tab * bs, P = G * (D + 2);
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B * Hkv * splits; item++) {
+            int64_t bh = item / splits, sp = item % splits, b = bh / Hkv, hk = bh % Hkv;
+            int64_t L = lengths ? lengths[bh] : uniform, chunk = ((L + splits - 1) / splits + bs - 1) / bs * bs;
+            int64_t t0 = sp * chunk < L ? sp * chunk : L, t1 = t0 + chunk < L ? t0 + chunk : L;
+            float qf[8 * 512], *pt = part + item * P; /* G <= 8, D <= 512: checked by the caller */
+            for (int64_t g = 0; g < G; g++)
+                load_row(qf + g * D, (const char *)q + (b * q_stride + (hk * G + g) * D) * (dt ? 2 : 4), D, dt);
+            const int32_t *blocks = table + bh * max_blocks;
+            float *p = probs + (b * Hq + hk * G) * T, *m = pt, *l = pt + G, *acc = pt + 2 * G;
+            if (D == 64) attend_split(qf, G, k_pool, v_pool, blocks, t0, t1, bs, 64, bias, scale, p, T, m, l, acc, dt);
+            else attend_split(qf, G, k_pool, v_pool, blocks, t0, t1, bs, D, bias, scale, p, T, m, l, acc, dt);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bq = 0; bq < B * Hq; bq++) {
+            int64_t b = bq / Hq, hq = bq % Hq, hk = hq / G, g = hq % G, bh = b * Hkv + hk;
+            int64_t L = lengths ? lengths[bh] : uniform, chunk = ((L + splits - 1) / splits + bs - 1) / bs * bs;
+            float M = -INFINITY, Lsum = 0.f, w[64], o[512];
+            for (int64_t sp = 0; sp < splits; sp++) {
+                float ms = part[(bh * splits + sp) * P + g];
+                M = ms > M ? ms : M;
+            }
+            for (int64_t sp = 0; sp < splits; sp++) {
+                const float *pt = part + (bh * splits + sp) * P;
+                w[sp] = pt[g] == -INFINITY ? 0.f : expf(pt[g] - M);
+                Lsum += w[sp] * pt[G + g];
+            }
+            float inv = Lsum > 0.f ? 1.0f / Lsum : 0.f;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            for (int64_t sp = 0; sp < splits; sp++) {
+                const float *acc = part + (bh * splits + sp) * P + 2 * G + g * D;
+                for (int64_t d = 0; d < D; d++) o[d] += w[sp] * acc[d];
+            }
+            for (int64_t d = 0; d < D; d++) st(out, bq * D + d, o[d] * inv, dt);
+            if (want_probs) {
+                float *p = probs + bq * T;
+                for (int64_t sp = 0; sp < splits; sp++) {
+                    int64_t t0 = sp * chunk < L ? sp * chunk : L, t1 = t0 + chunk < L ? t0 + chunk : L;
+                    float f = w[sp] * inv;
+                    for (int64_t t = t0; t < t1; t++) p[t] *= f;
+                }
+                for (int64_t t = L; t < T; t++) p[t] = 0.f;
+            }
+        }
     }
 }
 

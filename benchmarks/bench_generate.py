@@ -19,13 +19,16 @@ Python that has it (`--llama-python`, default: this one if it imports llama_cpp)
 The bandwidth floor: the bytes a batch-1 decode step must read (every projection and the LM head; the
 KV cache besides) over the memory read rate measured here with the same threads: no engine streaming
 these weights can beat it.
-`--profiles full,razor,d2o` adds rows per profile (ratios against `full` at the same length/batch).
+`--profiles full,razor,d2o` adds rows per profile (ratios against `full` at the same length/batch);
+`--torch-path` a row `torch`: `full` on kvchat's torch decode path (KVCHAT_NATIVE=0, without the
+native CPU ops of kernels/cpu.py) on its own copy of the model.
 """
 
 from __future__ import annotations
 
 import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, as the CLI does)
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -37,7 +40,9 @@ from pathlib import Path
 
 import torch
 
+from kvchat_kernels import cpu
 from kvchat.engine import Engine, Request, SamplingParams
+from kvchat.engine.weights import Weights
 from kvchat.loading import quiet_transformers
 from kvchat.model import embedded_gguf, load_model
 from kvchat.profiles import load_profile
@@ -97,9 +102,23 @@ def bench_hf(lm, batch_ids, new: int) -> tuple[float, float]:
     return clock.calls[0] - t, statistics.median(steps)
 
 
-def bench_kvchat(lm, profile, batch_ids, new: int) -> tuple[float, float, float]:
+@contextlib.contextmanager
+def torch_path(on: bool):
+    """KVCHAT_NATIVE=0 while an engine is built: kvchat's torch decode path (no kernels/cpu.py ops)."""
+    old = os.environ.get("KVCHAT_NATIVE")
+    if on:
+        os.environ["KVCHAT_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if on:
+            os.environ.pop("KVCHAT_NATIVE") if old is None else os.environ.__setitem__("KVCHAT_NATIVE", old)
+
+
+def bench_kvchat(lm, profile, batch_ids, new: int, torch_only: bool = False) -> tuple[float, float, float]:
     """-> (prefill s, median decode step s, KV held / full at the end)."""
-    eng = Engine(lm, profile, max_slots=len(batch_ids))
+    with torch_path(torch_only):
+        eng = Engine(lm, profile, max_slots=len(batch_ids))
     eos = lm.eos_ids
     lm.eos_ids = frozenset()  # generate exactly `new` tokens, as HF does with min_new_tokens
     try:
@@ -159,6 +178,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="kvchat and HF run in it")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="also run `full` on kvchat's torch decode path (KVCHAT_NATIVE=0), as the row 'torch'")
     ap.add_argument("--llama-python", help="a Python with llama_cpp installed (see above); 'none' skips it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -168,9 +189,14 @@ def main():
     llama = None if a.llama_python == "none" else find_llama(a.llama_python)
     names = a.profiles.split(",")
     profiles = {n: load_profile(str(PROFILES / f"{n}.yaml")) for n in names}
+    torch_lm = load_model(device="cpu", dtype=a.dtype) if a.torch_path else None
+    if torch_lm is not None:
+        names.append("torch")
     warm = prompts(lm.tokenizer, 64, 1)
     for p in profiles.values():
         bench_kvchat(lm, p, warm, 4)
+    if torch_lm is not None:
+        bench_kvchat(torch_lm, profiles.get("full") or load_profile("full"), warm, 4, torch_only=True)
     if hf_lm is not None:
         bench_hf(hf_lm, warm, 4)
 
@@ -178,6 +204,7 @@ def main():
     rate = read_rate(a.threads)
     print(f"SmolLM2-135M, kvchat and HF in {lm.desc.dtype}, {a.threads} threads, {a.new} new tokens, median of "
           f"{a.rounds} rounds; llama.cpp: {'the GGUF (Q4_1) through ' + llama if llama else 'not installed (see --help)'}")
+    print(f"kvchat's CPU decode ops: {cpu.status()}; weights: {Weights.of(lm).layout} layout")
     print(f"bandwidth floor at batch 1: {floor_bytes / 2**20:.0f} MiB of weights a step / {rate / 1e9:.1f} GB/s read "
           f"= {rate / floor_bytes:.1f} tok/s at most for kvchat here (llama.cpp reads the Q4_1 file: "
           f"{embedded_gguf().stat().st_size / 2**20:.0f} MiB)")
@@ -197,6 +224,8 @@ def main():
                     got["llama"].append((r["prefill"], r["step"]))
                 for name, p in profiles.items():
                     got[name].append(bench_kvchat(lm, p, ids, a.new))
+                if torch_lm is not None:
+                    got["torch"].append(bench_kvchat(torch_lm, load_profile("full"), ids, a.new, torch_only=True))
             med = {k: [statistics.median(x[i] for x in v) for i in range(len(v[0]))] for k, v in got.items() if v}
             hf_pre, hf_tps = (med["hf"][0], b / med["hf"][1]) if "hf" in med else (float("nan"), float("nan"))
             ll_tps = 1 / med["llama"][1] if "llama" in med else float("nan")

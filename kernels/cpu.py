@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -135,7 +134,7 @@ def threads() -> int:
 
 # ---- decode matmuls -----------------------------------------------------------------------------------
 
-LINEAR_ROWS = 8  # `linear` takes up to this many rows (a decode step's batch); more go to torch
+LINEAR_ROWS = 16  # `linear` takes up to this many rows (a decode step's batch); more go to torch
 
 
 def linear_ok(dtype: torch.dtype) -> bool:
@@ -211,11 +210,9 @@ def scatter_ok(pool: torch.Tensor, val: torch.Tensor) -> bool:
 def scatter_rows(pool: torch.Tensor, val: torch.Tensor, rows) -> None:
     """pool (n_blocks, bs, *row); row (b, h) of val goes to flat pool row rows[b * H + h] (rows: a ctypes
     int64 array, from `rows_array`)."""
-    B, H = val.shape[:2]
     es = val.element_size()
-    row_bytes = es * math.prod(pool.shape[2:])
-    _lib().kv_scatter_rows(pool.data_ptr(), val.data_ptr(), val.stride(0) * es, val.stride(1) * es, B, H, rows,
-                           row_bytes)
+    _lib().kv_scatter_rows(pool.data_ptr(), val.data_ptr(), val.stride(0) * es, val.stride(1) * es, val.shape[0],
+                           val.shape[1], rows, es * (pool.shape[2] if pool.dim() == 3 else 1))
 
 
 def rows_array(rows: list[int]):

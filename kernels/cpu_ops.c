@@ -39,12 +39,13 @@ static inline bf16 f2bf(float f) {
 /* x rounded to the model dtype and back: what storing an intermediate tensor does */
 static inline float rnd(float x, int dt) { return dt ? bf2f(f2bf(x)) : x; }
 
-/* exp(x) for x <= 0 in a form the compiler vectorizes (glibc's expf is a scalar call): x = n ln2 + r,
- * |r| <= ln2 / 2, exp(r) by a degree-7 Taylor polynomial (relative error < 2e-7, about one ulp),
- * times 2^n built in the exponent bits. Below -87 (exp < 1.7e-38) it returns 0, as softmax wants. */
-static inline float exp_neg(float x) {
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+/* exp(x) in a form the compiler vectorizes (glibc's expf is a scalar call): x = n ln2 + r, |r| <= ln2/2,
+ * exp(r) by a degree-7 Taylor polynomial (relative error < 2e-7, about one ulp), times 2^n built in the
+ * exponent bits. Below -87 (exp < 1.7e-38) it returns 0, as softmax wants; above 88, infinity. */
+static inline float exp_fast(float x) {
+    float xc = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
     float p = 1.f / 5040.f;
     p = p * r + 1.f / 720.f;
     p = p * r + 1.f / 120.f;
@@ -53,12 +54,10 @@ static inline float exp_neg(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    int32_t e = (int32_t)n + 127;
-    e = e < 1 ? 0 : e;
-    uint32_t bits = (uint32_t)e << 23;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
-    return x < -87.f ? 0.f : p * scale;
+    return x < -87.f ? 0.f : (x > 88.f ? INFINITY : p * scale);
 }
 
 static inline float ld(const void *p, int64_t i, int dt) {
@@ -134,11 +133,21 @@ void kv_rope(const void *x, int64_t x_stride, const void *cos, const void *sin_s
 /* The MLP's activation: out = silu(gate) * up with gate, up the halves of gu (rows, 2 I); silu rounded
  * to dtype before the product, as `act(gate) * up` does. out (rows, I). */
 void kv_silu_mul(const void *gu, void *out, int64_t rows, int64_t inter, int dt) {
-#pragma omp parallel for collapse(2) schedule(static) if (rows * inter > 16384)
+#pragma omp parallel for schedule(static) if (rows * inter > 16384)
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < inter; i++) {
-            float g = ld(gu, r * 2 * inter + i, dt), u = ld(gu, r * 2 * inter + inter + i, dt);
-            st(out, r * inter + i, rnd(g / (1.0f + expf(-g)), dt) * u, dt);
+        if (dt) {
+            const bf16 *g = (const bf16 *)gu + r * 2 * inter, *u = g + inter;
+            bf16 *o = (bf16 *)out + r * inter;
+#pragma omp simd
+            for (int64_t i = 0; i < inter; i++) {
+                float gi = bf2f(g[i]);
+                o[i] = f2bf(bf2f(f2bf(gi / (1.0f + exp_fast(-gi)))) * bf2f(u[i]));
+            }
+        } else {
+            const float *g = (const float *)gu + r * 2 * inter, *u = g + inter;
+            float *o = (float *)out + r * inter;
+#pragma omp simd
+            for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_fast(-g[i])) * u[i];
         }
     }
 }
@@ -224,7 +233,7 @@ static inline __attribute__((always_inline)) void attend_split(const float *qf, 
         float mg = m[g] == -INFINITY ? 0.f : m[g], lg = 0.f, *pg = p + g * T; /* all -inf: weights 0 */
 #pragma omp simd reduction(+ : lg)
         for (int64_t t = t0; t < t1; t++) {
-            float e = exp_neg(pg[t] - mg);
+            float e = exp_fast(pg[t] - mg);
             pg[t] = e;
             lg += e;
         }
@@ -241,6 +250,94 @@ static inline __attribute__((always_inline)) void attend_split(const float *qf, 
         }
     }
 }
+
+#if defined(__AVX512F__)
+/* attend_split for D = 64 and G <= 4 query heads, with the group's queries and outputs in registers:
+ * each K row is loaded once for the G dot products (bf16 K by AVX512-BF16's pair-dot on the bf16
+ * queries, exact products, where the CPU has it), each V row converted once for the G updates. */
+static inline __attribute__((always_inline)) void attend_split64(const float *qf, const int64_t G,
+                                                                 const void *k_pool, const void *v_pool,
+                                                                 const int32_t *blocks, int64_t t0, int64_t t1,
+                                                                 int64_t bs, const float *bias, float scale, float *p,
+                                                                 int64_t T, float *m, float *l, float *acc, int dt) {
+    __m512 qv[4][4];
+    for (int64_t g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) qv[g][c] = _mm512_loadu_ps(qf + g * 64 + c * 16);
+#if defined(__AVX512BF16__)
+    __m512bh qb[4][2];
+    for (int64_t g = 0; g < G; g++)
+        for (int c = 0; c < 2; c++) qb[g][c] = _mm512_cvtne2ps_pbh(qv[g][2 * c + 1], qv[g][2 * c]);
+#endif
+    float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
+        int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
+        for (; t < end; t++, row++) {
+            float bt = bias ? bias[row] : 0.f;
+            __m512 a[4];
+            if (dt) {
+                const bf16 *kr = (const bf16 *)k_pool + row * 64;
+#if defined(__AVX512BF16__)
+                __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 32);
+                for (int64_t g = 0; g < G; g++)
+                    a[g] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qb[g][0], k0), qb[g][1], k1);
+#else
+                __m512 kc[4];
+                for (int c = 0; c < 4; c++) kc[c] = ld16_bf16(kr + c * 16);
+                for (int64_t g = 0; g < G; g++) {
+                    a[g] = _mm512_mul_ps(qv[g][0], kc[0]);
+                    for (int c = 1; c < 4; c++) a[g] = _mm512_fmadd_ps(qv[g][c], kc[c], a[g]);
+                }
+#endif
+            } else {
+                const float *kr = (const float *)k_pool + row * 64;
+                __m512 kc[4];
+                for (int c = 0; c < 4; c++) kc[c] = _mm512_loadu_ps(kr + c * 16);
+                for (int64_t g = 0; g < G; g++) {
+                    a[g] = _mm512_mul_ps(qv[g][0], kc[0]);
+                    for (int c = 1; c < 4; c++) a[g] = _mm512_fmadd_ps(qv[g][c], kc[c], a[g]);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float sc = _mm512_reduce_add_ps(a[g]) * scale + bt;
+                p[g * T + t] = sc;
+                mx[g] = sc > mx[g] ? sc : mx[g];
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float mg = mx[g] == -INFINITY ? 0.f : mx[g], lg = 0.f, *pg = p + g * T; /* all -inf: weights 0 */
+#pragma omp simd reduction(+ : lg)
+        for (int64_t t = t0; t < t1; t++) {
+            float e = exp_fast(pg[t] - mg);
+            pg[t] = e;
+            lg += e;
+        }
+        m[g] = mx[g], l[g] = lg;
+    }
+    __m512 av[4][4];
+    for (int64_t g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) av[g][c] = _mm512_setzero_ps();
+    for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
+        int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
+        for (; t < end; t++, row++) {
+            __m512 vc[4];
+            if (dt) {
+                const bf16 *vr = (const bf16 *)v_pool + row * 64;
+                for (int c = 0; c < 4; c++) vc[c] = ld16_bf16(vr + c * 16);
+            } else {
+                const float *vr = (const float *)v_pool + row * 64;
+                for (int c = 0; c < 4; c++) vc[c] = _mm512_loadu_ps(vr + c * 16);
+            }
+            for (int64_t g = 0; g < G; g++) {
+                __m512 pb = _mm512_set1_ps(p[g * T + t]);
+                for (int c = 0; c < 4; c++) av[g][c] = _mm512_fmadd_ps(pb, vc[c], av[g][c]);
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + g * 64 + c * 16, av[g][c]);
+}
+#endif
 
 /* Decode attention over the paged store, one query token per slot (the layout of
  * kernels/paged_attention.py): q (B, Hq, D), its rows `q_stride` elements apart (each row's heads
@@ -270,6 +367,15 @@ void kv_decode_attention(const void *q, int64_t q_stride, const void *k_pool, co
                 load_row(qf + g * D, (const char *)q + (b * q_stride + (hk * G + g) * D) * (dt ? 2 : 4), D, dt);
             const int32_t *blocks = table + bh * max_blocks;
             float *p = probs + (b * Hq + hk * G) * T, *m = pt, *l = pt + G, *acc = pt + 2 * G;
+#if defined(__AVX512F__)
+#define KV_A64(g) attend_split64(qf, g, k_pool, v_pool, blocks, t0, t1, bs, bias, scale, p, T, m, l, acc, dt)
+            if (D == 64 && G == 1) KV_A64(1);
+            else if (D == 64 && G == 2) KV_A64(2);
+            else if (D == 64 && G == 3) KV_A64(3);
+            else if (D == 64 && G == 4) KV_A64(4);
+            else
+#undef KV_A64
+#endif
             if (D == 64) attend_split(qf, G, k_pool, v_pool, blocks, t0, t1, bs, 64, bias, scale, p, T, m, l, acc, dt);
             else attend_split(qf, G, k_pool, v_pool, blocks, t0, t1, bs, D, bias, scale, p, T, m, l, acc, dt);
         }
@@ -319,7 +425,7 @@ void kv_scatter_rows(char *dst, const char *src, int64_t sb, int64_t sh, int64_t
  * A decode step reads every weight once for one to eight rows: the matmul is a memory stream. Each
  * thread takes a contiguous range of weight rows and walks it in address order (one linear stream, which
  * the hardware prefetcher follows; oneDNN's blocked GEMV reached ~15 GB/s here, this ~25), computing the
- * M dot products of a row while it is in registers. Float32 accumulation; bf16 products by AVX512-BF16's
+ * M (<= 16) dot products of a row while it is in registers. Float32 accumulation; bf16 products by AVX512-BF16's
  * dot instruction (exact products, float32 sums, as oneDNN's bf16 GEMM). */
 
 int kv_fast_linear(int dt) {
@@ -340,7 +446,7 @@ static inline __attribute__((always_inline)) void linear_rows_f32(const float *x
     __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
     for (int64_t n = n0; n < n1; n++) {
         const float *wr = w + n * K;
-        __m512 acc[8];
+        __m512 acc[16];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
@@ -364,7 +470,7 @@ static inline __attribute__((always_inline)) void linear_rows_bf16(const bf16 *x
     __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1ull);
     for (int64_t n = n0; n < n1; n++) {
         const bf16 *wr = w + n * K;
-        __m512 acc[8];
+        __m512 acc[16];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
@@ -382,7 +488,7 @@ static inline __attribute__((always_inline)) void linear_rows_bf16(const bf16 *x
 }
 #endif
 
-/* M <= 8 rows (the caller checks, and checks kv_fast_linear(dt)); x, w, y contiguous. */
+/* M <= 16 rows (the caller checks, and checks kv_fast_linear(dt)); x, w, y contiguous. */
 void kv_linear(const void *x, const void *w, const void *bias, void *y, int64_t M, int64_t N, int64_t K, int dt) {
 #pragma omp parallel
     {
@@ -401,6 +507,7 @@ void kv_linear(const void *x, const void *w, const void *bias, void *y, int64_t 
             case 2: KV_ROWS(linear_rows_bf16, bf16, 2); break;
             case 3: KV_ROWS(linear_rows_bf16, bf16, 3); break;
             case 4: KV_ROWS(linear_rows_bf16, bf16, 4); break;
+            case 8: KV_ROWS(linear_rows_bf16, bf16, 8); break;
             default: KV_ROWS(linear_rows_bf16, bf16, M); break;
             }
         }
@@ -412,6 +519,7 @@ void kv_linear(const void *x, const void *w, const void *bias, void *y, int64_t 
             case 2: KV_ROWS(linear_rows_f32, float, 2); break;
             case 3: KV_ROWS(linear_rows_f32, float, 3); break;
             case 4: KV_ROWS(linear_rows_f32, float, 4); break;
+            case 8: KV_ROWS(linear_rows_f32, float, 8); break;
             default: KV_ROWS(linear_rows_f32, float, M); break;
             }
         }

@@ -11,7 +11,7 @@ from kvchat_kernels.paged_attention import paged_decode_attention_ref
 from kvchat.engine.forward import rope_rolled, signed_sin
 
 DTYPES = [torch.float32, torch.bfloat16]
-TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}  # relative to the largest magnitude
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the largest magnitude
 
 
 def close(got, want, dtype, scale=None):
@@ -37,7 +37,7 @@ def test_the_library_builds_and_shares_torchs_threads():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (2, 37, 100), (3, 64, 31), (5, 129, 1536), (8, 7, 16)])
+@pytest.mark.parametrize("M,N,K", [(1, 960, 576), (2, 37, 100), (3, 64, 31), (5, 129, 1536), (8, 7, 16), (16, 50, 64)])
 def test_linear_is_f_linear(dtype, M, N, K):
     if not cpu.linear_ok(dtype):
         pytest.fail(f"this machine runs kvchat's native {dtype} matmul (AVX-512{'-BF16' if dtype == torch.bfloat16 else ''})")
@@ -76,10 +76,12 @@ def test_silu_mul(dtype, rows, inter):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D,bs", [(64, 16), (40, 5), (128, 8)])
-def test_decode_attention_is_the_reference(dtype, D, bs):
-    """Ragged heads, an empty head, a partial last block, logit bias, column sums, GQA, q rows strided."""
-    B, Hkv, G, NB = 3, 3, 3, 60
+@pytest.mark.parametrize("D,bs,G", [(64, 16, 3), (64, 8, 1), (64, 4, 2), (64, 16, 4), (64, 16, 5), (40, 5, 3),
+                                    (128, 8, 3)])
+def test_decode_attention_is_the_reference(dtype, D, bs, G):
+    """Ragged heads, an empty head, a partial last block, logit bias, column sums, GQA group sizes (D=64
+    with up to 4 heads a group has its own path), q rows strided."""
+    B, Hkv, NB = 3, 3, 60
     kp, vp = rand(NB, bs, D, dtype=dtype, seed=1), rand(NB, bs, D, dtype=dtype, seed=2)
     table = torch.randperm(NB, generator=torch.Generator().manual_seed(3))[: B * Hkv * 6].view(B, Hkv, 6)
     table = table.to(torch.int32).contiguous()

@@ -1,8 +1,9 @@
-"""kvchat's native CPU decode ops (kernels/cpu_ops.c), built once per machine and called through ctypes.
+"""kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_attention.c), built once per machine, called
+through ctypes.
 
 A decode step on the CPU spends as long in small ops as in its matmuls: each ATen op costs a few
 microseconds of dispatch for a few hundred bytes of work. cpu_ops.c fuses a layer's elementwise work and
-its decode attention into one call each. It is plain C (no torch headers: it compiles in about a second
+its decode attention into one call each (cpu_attention.c). It is plain C (no torch headers: it compiles in about a second
 with the system's `cc`) built with `-O3 -march=native -fopenmp` into KVCHAT_HOME/native (key: the
 source, the compiler and this CPU's flags; written to a temporary name and renamed, so concurrent
 builds are safe) and linked against the libgomp torch has already loaded, so it runs on torch's threads.
@@ -21,13 +22,16 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-_SRC = Path(__file__).with_name("cpu_ops.c")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_attention.c"]  # one library; both include cpu_common.h
+_HEADERS = [_DIR / "cpu_common.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -41,6 +45,7 @@ _SIGNATURES = {
     "kv_decode_attention": ([_P, _I] + [_P] * 8 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
 }
 _why_not = ""
+_warned = False
 
 
 def _build_dir() -> Path:
@@ -66,7 +71,8 @@ def _build(cc: str) -> Path:
     """The shared library for this source, compiler and CPU, built if it is not there yet."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
-    key = hashlib.sha256("\0".join([_SRC.read_text(), version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()
+    texts = [f.read_text() for f in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\0".join([*texts, version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()
     out = _build_dir() / f"cpu_ops-{key[:16]}.so"
     if out.exists():
         return out
@@ -74,7 +80,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
+                             timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-400:]}")
         os.replace(tmp, out)
@@ -110,15 +117,25 @@ def available() -> bool:
 
 def enabled() -> bool:
     """kvchat's CPU paths use the native ops: built, and not turned off by KVCHAT_NATIVE=0 (read at each
-    decision, so tests can compare the two paths; callers decide once per model, runner or store)."""
-    return os.environ.get("KVCHAT_NATIVE", "1") != "0" and available()
+    decision, so tests can compare the two paths; callers decide once per model, runner or store).
+    When they are wanted but cannot be built, one line on stderr says why (once a process)."""
+    global _warned
+    if os.environ.get("KVCHAT_NATIVE", "1") == "0":
+        return False
+    if available():
+        return True
+    if not _warned:
+        _warned = True
+        print(f"kvchat: native CPU decode ops unavailable ({_why_not}); decoding on the slower torch path "
+              "(KVCHAT_NATIVE=0 silences this)", file=sys.stderr)
+    return False
 
 
 def status() -> str:
     """One line for `kvchat info` and the benchmarks: which path the CPU decode ops take, and why."""
     if not available():
         return f"torch ({_why_not})"
-    return "native (kernels/cpu_ops.c)" if enabled() else "torch (KVCHAT_NATIVE=0)"
+    return "native (kernels/cpu_ops.c, cpu_attention.c)" if enabled() else "torch (KVCHAT_NATIVE=0)"
 
 
 def supports(*tensors: torch.Tensor) -> bool:

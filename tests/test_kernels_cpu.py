@@ -122,3 +122,21 @@ def test_scatter_rows_writes_each_head_its_row():
     pos = torch.zeros(4, 3, dtype=torch.int32)
     cpu.scatter_rows(pos, torch.tensor([7, 9], dtype=torch.int32).view(2, 1).expand(2, 2), cpu.rows_array(rows))
     assert pos.view(-1)[rows].tolist() == [7, 7, 9, 9]
+
+
+def test_a_compiler_that_fails_leaves_the_torch_path_and_says_why(tmp_path):
+    """No native library (here: a `cc` that always fails): kvchat decodes on the torch path, and one line
+    on stderr says so and why."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CC="/bin/false", KVCHAT_HOME=str(tmp_path))
+    env.pop("KVCHAT_NATIVE", None)
+    code = ("import torch; from kvchat_kernels import cpu, choose_impl; "
+            "print(cpu.enabled(), cpu.enabled(), choose_impl(torch.device('cpu')), cpu.status())")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("False False ref torch (build failed: /bin/false failed"), res.stdout
+    assert res.stderr.count("native CPU decode ops unavailable") == 1, res.stderr
+

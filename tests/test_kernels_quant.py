@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 from test_kernels import DEVICE, assert_close, make_store  # noqa: E402
 from kvchat_kernels.kv_quant import grouped, minmax, minmax_zero, pack  # noqa: E402
 from kvchat_kernels.quant_attention import (  # noqa: E402
-    Sealed, Tail, dequant_groups, quant_decode_attention, quant_decode_attention_ref,
-    quant_decode_attention_triton)
+    Sealed, Tail, dequant_groups, quant_decode_attention, quant_decode_attention_ref)
+from kvchat_kernels.quant_attention_triton import quant_decode_attention_triton  # noqa: E402
 
 triton = pytest.importorskip("triton")
 

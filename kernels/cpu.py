@@ -1,17 +1,19 @@
 """kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_attention.c), built once per machine, called
 through ctypes.
 
-A decode step on the CPU spends as long in small ops as in its matmuls: each ATen op costs a few
-microseconds of dispatch for a few hundred bytes of work. cpu_ops.c fuses a layer's elementwise work and
-its decode attention into one call each (cpu_attention.c). It is plain C (no torch headers: it compiles in about a second
-with the system's `cc`) built with `-O3 -march=native -fopenmp` into KVCHAT_HOME/native (key: the
-source, the compiler and this CPU's flags; written to a temporary name and renamed, so concurrent
-builds are safe) and linked against the libgomp torch has already loaded, so it runs on torch's threads.
+A decode step on the CPU spent as long in small ops as in its matmuls (each ATen op a few microseconds
+of dispatch for a few hundred bytes of work), and oneDNN's GEMV streamed the weights at ~15 GB/s of the
+~28 this machine reads. cpu_ops.c holds a streaming matmul for a step's few rows, a layer's elementwise
+work (residual add + RMSNorm, RoPE, SiLU-and-multiply) and the append's row copies; cpu_attention.c the
+paged decode attention. Plain C (no torch headers: it compiles in about a second with the system's
+`cc`), built with `-O3 -march=native -fopenmp` into KVCHAT_HOME/native (key: the sources, the compiler
+and this CPU's flags; written to a temporary name and renamed, so concurrent builds are safe) and
+linked against the libgomp torch has already loaded, so it runs on torch's threads.
 
 Without a C compiler, or with KVCHAT_NATIVE=0, `enabled()` is False and every caller keeps its torch
-path (the same results to float32 rounding; this is only speed). `status()` says which and why. Each function here has a
-torch reference it is tested against (tests/test_kernels_cpu.py): `add_rms_norm_ref`, kvchat's
-`rope_rolled`, `silu_mul_ref`, and `paged_decode_attention_ref`.
+path (the same results to float32 rounding; this is only speed). `status()` says which and why. Each
+function has a torch reference it is tested against (tests/test_kernels_cpu.py): F.linear,
+`add_rms_norm_ref`, kvchat's `rope_rolled`, `silu_mul_ref`, and `paged_decode_attention_ref`.
 """
 
 from __future__ import annotations

@@ -140,3 +140,20 @@ def test_a_compiler_that_fails_leaves_the_torch_path_and_says_why(tmp_path):
     assert res.stdout.startswith("False False ref torch (build failed: /bin/false failed"), res.stdout
     assert res.stderr.count("native CPU decode ops unavailable") == 1, res.stderr
 
+
+
+def test_the_portable_paths_built_for_avx2_match_the_references_too(tmp_path):
+    """This machine compiles the AVX-512 paths; the ones other CPUs run (plain C the compiler vectorizes)
+    are built here for x86-64-v3 (AVX2) and run this file's op tests (the matmul stays torch's there)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVCHAT_NATIVE_MARCH="x86-64-v3", KVCHAT_HOME=str(tmp_path))
+    probe = "import torch; from kvchat_kernels import cpu; print(cpu.enabled(), cpu.linear_ok(torch.float32))"
+    res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["True", "False"], res.stdout + res.stderr
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not linear and not portable and not compiler"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-2000:]

@@ -242,13 +242,14 @@ def rows_array(rows: list[int]):
 
 # ---- decode attention --------------------------------------------------------------------------------
 
-def decode_attention_ok(q, k_pool, v_pool, block_table, lengths) -> bool:
+def decode_attention_ok(q, k_pool, v_pool, block_table, lengths, max_len=None, min_len=None) -> bool:
     """The layouts `decode_attention` takes: CPU tensors, K/V in q's dtype and contiguous, q's heads
-    contiguous within a row (rows may be strided: q may be a view of a fused Q/K tensor)."""
+    contiguous within a row (rows may be strided: q may be a view of a fused Q/K tensor), and lengths
+    unless every head holds max_len == min_len tokens."""
     return (supports(q, k_pool, v_pool) and q.shape[-1] <= 512 and q.shape[1] <= 8 * block_table.shape[1]
-            and block_table.dtype == torch.int32
-            and q.stride(2) == 1 and q.stride(1) == q.shape[2]
-            and (lengths is None or (lengths.dtype == torch.int32 and lengths.is_contiguous()))
+            and block_table.dtype == torch.int32 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+            and (lengths.dtype == torch.int32 and lengths.is_contiguous() if lengths is not None
+                 else max_len is not None and max_len == min_len)
             and all(t.is_contiguous() for t in (k_pool, v_pool, block_table)))
 
 

@@ -51,6 +51,21 @@ static inline __attribute__((always_inline)) void axpy_bf16(float *acc, float p,
     for (int64_t d = 0; d < D; d++) acc[d] += p * bf2f(v[d]);
 }
 
+/* Each of G heads' scores p[g * T + t0 .. t1) -> exp(score - m[g]) (m[g] its max; all -inf: weights 0),
+ * their sum -> l[g]. */
+static inline void softmax_exp(float *p, int64_t T, int64_t G, int64_t t0, int64_t t1, const float *m, float *l) {
+    for (int64_t g = 0; g < G; g++) {
+        float mg = m[g] == -INFINITY ? 0.f : m[g], lg = 0.f, *pg = p + g * T;
+#pragma omp simd reduction(+ : lg)
+        for (int64_t t = t0; t < t1; t++) {
+            float e = exp_fast(pg[t] - mg);
+            pg[t] = e;
+            lg += e;
+        }
+        l[g] = lg;
+    }
+}
+
 /* One split of one KV head: tokens [t0, t1) (in blocks of bs rows) for its G query heads qf (G, D).
  * Each K and V row is read once for the whole group. -> p[g * T + t] = exp(score - m[g]) (unnormalized),
  * m[g], l[g] (sum of p), acc[g * D ...] (sum of p v). */
@@ -74,17 +89,8 @@ static inline __attribute__((always_inline)) void attend_split(const float *qf, 
             }
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        float mg = m[g] == -INFINITY ? 0.f : m[g], lg = 0.f, *pg = p + g * T; /* all -inf: weights 0 */
-#pragma omp simd reduction(+ : lg)
-        for (int64_t t = t0; t < t1; t++) {
-            float e = exp_fast(pg[t] - mg);
-            pg[t] = e;
-            lg += e;
-        }
-        l[g] = lg;
-        for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0.f;
-    }
+    softmax_exp(p, T, G, t0, t1, m, l);
+    for (int64_t d = 0; d < G * D; d++) acc[d] = 0.f;
     for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
         int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
         for (; t < end; t++, row++) {
@@ -149,16 +155,8 @@ static inline __attribute__((always_inline)) void attend_split64(const float *qf
             }
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        float mg = mx[g] == -INFINITY ? 0.f : mx[g], lg = 0.f, *pg = p + g * T; /* all -inf: weights 0 */
-#pragma omp simd reduction(+ : lg)
-        for (int64_t t = t0; t < t1; t++) {
-            float e = exp_fast(pg[t] - mg);
-            pg[t] = e;
-            lg += e;
-        }
-        m[g] = mx[g], l[g] = lg;
-    }
+    for (int64_t g = 0; g < G; g++) m[g] = mx[g];
+    softmax_exp(p, T, G, t0, t1, m, l);
     __m512 av[4][4];
     for (int64_t g = 0; g < G; g++)
         for (int c = 0; c < 4; c++) av[g][c] = _mm512_setzero_ps();

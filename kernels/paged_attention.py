@@ -390,8 +390,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_
             raise ValueError("the Triton decode kernel needs the lengths tensor")
         return paged_decode_attention_triton(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum,
                                              max_len=max_len)
-    if (mode == "native" and cpu.decode_attention_ok(q, k_pool, v_pool, block_table, lengths)
-            and (lengths is not None or max_len == min_len)):
+    if mode == "native" and cpu.decode_attention_ok(q, k_pool, v_pool, block_table, lengths, max_len, min_len):
         return cpu.decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum,
                                     max_len=max_len, min_len=min_len)
     return paged_decode_attention_cpu(q, k_pool, v_pool, block_table, lengths, scale, bias_pool, return_colsum,

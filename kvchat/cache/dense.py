@@ -19,7 +19,6 @@ from kvchat.cache.pages import PagedPools
 
 class DenseFormat(Format):
     name = "dense"
-    _step_pos: tuple = (None, 0, None)  # (positions, n_kv, as int32 per head): shared by a step's layers
 
     def __init__(self, n_slots, n_kv, head_dim, block_size, dtype, device, with_bias=False, store_dtype=None):
         super().__init__(n_slots, n_kv, head_dim, block_size, dtype, device, with_bias)
@@ -57,10 +56,7 @@ class DenseFormat(Format):
     def append_step(self, slots, slots_t, k_pre, k, v, pos) -> None:
         """k, v (B, H_kv, D); pos (B,)."""
         B = k.shape[0]
-        got = DenseFormat._step_pos  # every layer of a step appends the same positions: convert them once
-        if got[0] is not pos or got[1] != self.n_kv:
-            got = DenseFormat._step_pos = (pos, self.n_kv, pos.to(torch.int32).view(B, 1).expand(B, self.n_kv))
-        vals = {"k": k, "v": v, "pos": got[2]}  # (B, H_kv) int32
+        vals = {"k": k, "v": v, "pos": pos.to(torch.int32).view(B, 1).expand(B, self.n_kv)}  # (B, H_kv), a view
         if self.with_bias:
             vals["bias"] = torch.zeros((), device=self.device).expand(B, self.n_kv)
         self.pages.append_step(slots, slots_t, vals)

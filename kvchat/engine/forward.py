@@ -178,27 +178,37 @@ class Runner:
         cos, sin = self._rope_signed(x, positions)  # once a step, for every layer
         B = ids.shape[0]
         store.stats = {}
-        methods = self.methods
         for li, lw in enumerate(self.layers):
             h = lw.in_norm(x)
-            fmt = store.layers[li]
             if store.owns(li):
                 q, k_pre, k, v = self._qkv(lw, h, cos, sin)
-                fmt.append_step(slots, slots_t, k_pre, k, v, positions)
-                for m in methods:  # every method counts the new token before any of them evicts
-                    m.on_append(li, slots, 1)
+                attn = self._attend_step(store, li, slots, slots_t, q, (k_pre, k, v, positions))
             else:
-                q = self._q(lw, h, cos, sin)
-            want = any(m.decode_colsum(li) for m in methods) if methods else False
-            attn, colsum = fmt.attend_decode(q, slots, slots_t, self.scale, want)
-            stats = store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
+                attn = self._attend_step(store, li, slots, slots_t, self._q(lw, h, cos, sin))
             x = x + lw.o(attn.view(B, -1))
             x = self._mlp(lw, x)
-            if methods:
-                ctx = DecodeCtx(li, store, slots, stats)
-                for m in methods:
-                    m.after_decode_layer(ctx)
+            self._after_step_layer(store, li, slots)
         return self.logits(x)
+
+    def _attend_step(self, store, li, slots, slots_t, q, append=None) -> torch.Tensor:
+        """A decode layer's store work, the same on both paths: append (k_pre, k, v, positions) when the
+        layer owns storage (every method counts the new token before any of them evicts), then attention
+        with column sums if a method asks; the step's statistics go to store.stats[li]. -> attn (B, H_q, D)."""
+        fmt, methods = store.layers[li], self.methods
+        if append is not None:
+            fmt.append_step(slots, slots_t, *append)
+            for m in methods:
+                m.on_append(li, slots, 1)
+        want = any(m.decode_colsum(li) for m in methods) if methods else False
+        attn, colsum = fmt.attend_decode(q, slots, slots_t, self.scale, want)
+        store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
+        return attn
+
+    def _after_step_layer(self, store, li, slots) -> None:
+        if self.methods:
+            ctx = DecodeCtx(li, store, slots, store.stats[li])
+            for m in self.methods:
+                m.after_decode_layer(ctx)
 
     def _decode_native(self, store, slots, slots_t, ids, positions) -> torch.Tensor:
         """`decode` with a layer's small ops fused (kernels/cpu.py): each residual add with the norm after
@@ -209,30 +219,21 @@ class Runner:
         B, D, Hq = ids.shape[0], self.D, self.n_q // self.D
         Hk = self.n_kv // self.D
         store.stats = {}
-        methods, layers = self.methods, self.layers
+        layers = self.layers
         first = layers[0].in_norm
         x, h = cpu.add_rms_norm(x, None, first.weight, first.eps)
         for li, lw in enumerate(layers):
-            fmt = store.layers[li]
             if store.owns(li):
                 self.stats["kv_projections"] += B
                 qkv = lw.qkv(h)  # (B, nq + 2 nk)
                 qk = cpu.rope(qkv, Hq + Hk, D, cos, sin)  # (B, H_q + H_kv, D)
-                q, k = qk[:, :Hq], qk[:, Hq:]
                 k_pre = qkv[:, self.n_q : self.n_q + self.n_kv].view(B, -1, D)
-                fmt.append_step(slots, slots_t, k_pre, k, qkv[:, self.n_q + self.n_kv :].view(B, -1, D), positions)
-                for m in methods:
-                    m.on_append(li, slots, 1)
+                v = qkv[:, self.n_q + self.n_kv :].view(B, -1, D)
+                attn = self._attend_step(store, li, slots, slots_t, qk[:, :Hq], (k_pre, qk[:, Hq:], v, positions))
             else:
-                q = cpu.rope(lw.q(h), Hq, D, cos, sin)
-            want = any(m.decode_colsum(li) for m in methods) if methods else False
-            attn, colsum = fmt.attend_decode(q, slots, slots_t, self.scale, want)
-            stats = store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
+                attn = self._attend_step(store, li, slots, slots_t, cpu.rope(lw.q(h), Hq, D, cos, sin))
             x, h = cpu.add_rms_norm(x, lw.o(attn.reshape(B, -1)), lw.post_norm.weight, lw.post_norm.eps)
             nxt = layers[li + 1].in_norm if li + 1 < len(layers) else self.norm
             x, h = cpu.add_rms_norm(x, lw.down(cpu.silu_mul(lw.gate_up(h))), nxt.weight, nxt.eps)
-            if methods:
-                ctx = DecodeCtx(li, store, slots, stats)
-                for m in methods:
-                    m.after_decode_layer(ctx)
+            self._after_step_layer(store, li, slots)
         return self.lm_head(h).float()

@@ -32,9 +32,11 @@ def tokens(lm, profile, prompts, steps=24):
 
 def test_the_native_layout_where_the_cpu_ops_are_built_else_packed_where_onednn_computes_it(monkeypatch):
     cpu = torch.device("cpu")
-    for dtype in (torch.float32, torch.bfloat16):
-        assert choose_layout(dtype, cpu, 1) == ("native" if native.linear_ok(dtype) else choose_layout(dtype, cpu, 1))
     assert native.linear_ok(torch.float32), f"AVX-512 machines run the native matmul: {native.status()}"
+    for max_slots in (1, 8):
+        assert choose_layout(torch.float32, cpu, max_slots) == "native"
+        assert choose_layout(torch.bfloat16, cpu, max_slots) == (
+            "native" if native.linear_ok(torch.bfloat16) else ("packed" if packing_works() else "rows"))
     monkeypatch.setenv("KVCHAT_NATIVE", "0")
     assert choose_layout(torch.bfloat16, cpu, 1) == ("packed" if packing_works() else "rows")
     assert choose_layout(torch.float32, cpu, 1) == "transposed"

@@ -56,8 +56,17 @@ static inline __attribute__((always_inline)) void axpy_bf16(float *acc, float p,
 static inline void softmax_exp(float *p, int64_t T, int64_t G, int64_t t0, int64_t t1, const float *m, float *l) {
     for (int64_t g = 0; g < G; g++) {
         float mg = m[g] == -INFINITY ? 0.f : m[g], lg = 0.f, *pg = p + g * T;
-#pragma omp simd reduction(+ : lg)
-        for (int64_t t = t0; t < t1; t++) {
+        int64_t t = t0;
+#if defined(__AVX512F__)
+        __m512 mgv = _mm512_set1_ps(mg), lv = _mm512_setzero_ps();
+        for (; t + 16 <= t1; t += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(pg + t), mgv));
+            _mm512_storeu_ps(pg + t, e);
+            lv = _mm512_add_ps(lv, e);
+        }
+        lg = _mm512_reduce_add_ps(lv);
+#endif
+        for (; t < t1; t++) {
             float e = exp_fast(pg[t] - mg);
             pg[t] = e;
             lg += e;
@@ -103,9 +112,55 @@ static inline __attribute__((always_inline)) void attend_split(const float *qf, 
 }
 
 #if defined(__AVX512F__)
-/* attend_split for D = 64 and G <= 4 query heads, with the group's queries and outputs in registers:
- * each K row is loaded once for the G dot products (bf16 K by AVX512-BF16's pair-dot on the bf16
- * queries, exact products, where the CPU has it), each V row converted once for the G updates. */
+/* 16 vectors -> one: lane i = the sum of a[i]'s lanes (a transposing add tree: 15 adds and 30
+ * shuffles for 16 tokens' scores, where 16 horizontal reductions take ~8 instructions each). */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of tokens 2i, 2i+1 */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: tokens 4i .. 4i+3, a lane's share each */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++) /* 128-bit lanes summed in pairs */
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* q . k for one D = 64 key row, as a vector of partial sums (bf16 K by AVX512-BF16's pair-dot on the
+ * bf16 query where the CPU has it: exact products, float32 sums). */
+#if defined(__AVX512BF16__)
+#define KV_QB_DECL __m512bh qb[4][2]
+#else
+#define KV_QB_DECL __m512 qb[1][1]
+#endif
+static inline __attribute__((always_inline)) __m512 dot64(const __m512 *qv, const void *qbp, const void *k_pool,
+                                                         int64_t row, int dt) {
+    if (dt) {
+        const bf16 *kr = (const bf16 *)k_pool + row * 64;
+#if defined(__AVX512BF16__)
+        const __m512bh *qb = (const __m512bh *)qbp;
+        __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 32);
+        return _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qb[0], k0), qb[1], k1);
+#else
+        (void)qbp;
+        __m512 a = _mm512_mul_ps(qv[0], ld16_bf16(kr));
+        for (int c = 1; c < 4; c++) a = _mm512_fmadd_ps(qv[c], ld16_bf16(kr + c * 16), a);
+        return a;
+#endif
+    }
+    (void)qbp;
+    const float *kr = (const float *)k_pool + row * 64;
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+    for (int c = 1; c < 4; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + c * 16), a);
+    return a;
+}
+
+/* attend_split for D = 64 and G <= 4 query heads, with the group's queries and outputs in registers.
+ * Scores: 16 rows of a block at a time, reduced together by hsum16 (the last rows of a block one by
+ * one). Values: each V row converted once for the G updates; a bf16 row as even and odd elements
+ * (one shift, one mask per 32 values), so the accumulators hold the dims permuted until the end. */
 static inline __attribute__((always_inline)) void attend_split64(const float *qf, const int64_t G,
                                                                  const void *k_pool, const void *v_pool,
                                                                  const int32_t *blocks, int64_t t0, int64_t t1,
@@ -114,59 +169,60 @@ static inline __attribute__((always_inline)) void attend_split64(const float *qf
     __m512 qv[4][4];
     for (int64_t g = 0; g < G; g++)
         for (int c = 0; c < 4; c++) qv[g][c] = _mm512_loadu_ps(qf + g * 64 + c * 16);
+    KV_QB_DECL;
 #if defined(__AVX512BF16__)
-    __m512bh qb[4][2];
     for (int64_t g = 0; g < G; g++)
         for (int c = 0; c < 2; c++) qb[g][c] = _mm512_cvtne2ps_pbh(qv[g][2 * c + 1], qv[g][2 * c]);
+#define KV_QB(g) ((const void *)qb[g])
+#else
+#define KV_QB(g) ((const void *)0)
 #endif
+    const __m512 sv = _mm512_set1_ps(scale);
+    __m512 mv[4];
     float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    for (int64_t g = 0; g < G; g++) mv[g] = _mm512_set1_ps(-INFINITY);
     for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
         int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
+        for (; t + 16 <= end; t += 16, row += 16) {
+            __m512 bt = bias ? _mm512_loadu_ps(bias + row) : _mm512_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                __m512 a[16];
+                for (int i = 0; i < 16; i++) a[i] = dot64(qv[g], KV_QB(g), k_pool, row + i, dt);
+                __m512 sc = _mm512_fmadd_ps(hsum16(a), sv, bt);
+                _mm512_storeu_ps(p + g * T + t, sc);
+                mv[g] = _mm512_max_ps(mv[g], sc);
+            }
+        }
         for (; t < end; t++, row++) {
             float bt = bias ? bias[row] : 0.f;
-            __m512 a[4];
-            if (dt) {
-                const bf16 *kr = (const bf16 *)k_pool + row * 64;
-#if defined(__AVX512BF16__)
-                __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 32);
-                for (int64_t g = 0; g < G; g++)
-                    a[g] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qb[g][0], k0), qb[g][1], k1);
-#else
-                __m512 kc[4];
-                for (int c = 0; c < 4; c++) kc[c] = ld16_bf16(kr + c * 16);
-                for (int64_t g = 0; g < G; g++) {
-                    a[g] = _mm512_mul_ps(qv[g][0], kc[0]);
-                    for (int c = 1; c < 4; c++) a[g] = _mm512_fmadd_ps(qv[g][c], kc[c], a[g]);
-                }
-#endif
-            } else {
-                const float *kr = (const float *)k_pool + row * 64;
-                __m512 kc[4];
-                for (int c = 0; c < 4; c++) kc[c] = _mm512_loadu_ps(kr + c * 16);
-                for (int64_t g = 0; g < G; g++) {
-                    a[g] = _mm512_mul_ps(qv[g][0], kc[0]);
-                    for (int c = 1; c < 4; c++) a[g] = _mm512_fmadd_ps(qv[g][c], kc[c], a[g]);
-                }
-            }
             for (int64_t g = 0; g < G; g++) {
-                float sc = _mm512_reduce_add_ps(a[g]) * scale + bt;
+                float sc = _mm512_reduce_add_ps(dot64(qv[g], KV_QB(g), k_pool, row, dt)) * scale + bt;
                 p[g * T + t] = sc;
                 mx[g] = sc > mx[g] ? sc : mx[g];
             }
         }
     }
-    for (int64_t g = 0; g < G; g++) m[g] = mx[g];
+#undef KV_QB
+    for (int64_t g = 0; g < G; g++) {
+        float mvg = _mm512_reduce_max_ps(mv[g]);
+        m[g] = mvg > mx[g] ? mvg : mx[g];
+    }
     softmax_exp(p, T, G, t0, t1, m, l);
     __m512 av[4][4];
     for (int64_t g = 0; g < G; g++)
         for (int c = 0; c < 4; c++) av[g][c] = _mm512_setzero_ps();
+    const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
     for (int64_t t = t0, j = t0 / bs; t < t1; j++) {
         int64_t row = (int64_t)blocks[j] * bs, end = t + bs < t1 ? t + bs : t1;
         for (; t < end; t++, row++) {
             __m512 vc[4];
-            if (dt) {
+            if (dt) { /* vc: even dims 0-30, odd 1-31, even 32-62, odd 33-63 */
                 const bf16 *vr = (const bf16 *)v_pool + row * 64;
-                for (int c = 0; c < 4; c++) vc[c] = ld16_bf16(vr + c * 16);
+                for (int c = 0; c < 2; c++) {
+                    __m512i x = _mm512_loadu_si512(vr + c * 32);
+                    vc[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+                    vc[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, hi16));
+                }
             } else {
                 const float *vr = (const float *)v_pool + row * 64;
                 for (int c = 0; c < 4; c++) vc[c] = _mm512_loadu_ps(vr + c * 16);
@@ -177,9 +233,20 @@ static inline __attribute__((always_inline)) void attend_split64(const float *qf
             }
         }
     }
+    if (dt) { /* even/odd back to dims in order */
+        const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        for (int64_t g = 0; g < G; g++)
+            for (int c = 0; c < 2; c++) {
+                __m512 e = av[g][2 * c], o = av[g][2 * c + 1];
+                av[g][2 * c] = _mm512_permutex2var_ps(e, lo, o);
+                av[g][2 * c + 1] = _mm512_permutex2var_ps(e, hi, o);
+            }
+    }
     for (int64_t g = 0; g < G; g++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + g * 64 + c * 16, av[g][c]);
 }
+#undef KV_QB_DECL
 #endif
 
 /* Decode attention over the paged store, one query token per slot (the layout of

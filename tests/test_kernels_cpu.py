@@ -69,14 +69,14 @@ def test_rope_is_rope_rolled_on_strided_rows(dtype, rows, heads, D, extra):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,inter", [(1, 1536), (3, 17)])
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (3, 17), (2, 300)])  # 256-wide chunks, 16-lane tails
 def test_silu_mul(dtype, rows, inter):
     gu = rand(rows, 2 * inter, dtype=dtype, seed=4) * 4
     close(cpu.silu_mul(gu), cpu.silu_mul_ref(gu), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D,bs,G", [(64, 16, 3), (64, 8, 1), (64, 4, 2), (64, 16, 4), (64, 16, 5), (40, 5, 3),
+@pytest.mark.parametrize("D,bs,G", [(64, 16, 3), (64, 32, 3), (64, 8, 1), (64, 4, 2), (64, 16, 4), (64, 16, 5), (40, 5, 3),
                                     (128, 8, 3)])
 def test_decode_attention_is_the_reference(dtype, D, bs, G):
     """Ragged heads, an empty head, a partial last block, logit bias, column sums, GQA group sizes (D=64

@@ -4,8 +4,9 @@
         [--rounds 3] [--profiles full] [--llama-python PATH] [--threads 2]
 
 Every configuration runs `--rounds` times, the three engines taking turns within each round, so a busy
-or throttled machine slows all of them alike; figures are medians over rounds of each run's median
-step time (decode tok/s = batch / median step). kvchat and HF run greedy in the same dtype (`auto`:
+or throttled machine slows all of them alike; figures are medians over rounds of each run's mean
+step time (decode tok/s = batch / mean step: periodic work, such as d2o's evictions every block of
+tokens, counts as it does for a user). kvchat and HF run greedy in the same dtype (`auto`:
 what `kvchat --dtype auto` picks on this CPU), on the same token ids, each on its own copy of the model
 (kvchat lays its weights out for its own loop). Ratios: kvchat / HF and kvchat / llama.cpp for tokens/s,
 kvchat / HF for prefill time (lower is faster).
@@ -52,7 +53,7 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 LLAMA_SCRIPT = r"""
-import json, statistics, sys, time
+import json, sys, time
 from llama_cpp import Llama
 path, threads, new, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 jobs = json.loads(sys.stdin.read())
@@ -66,7 +67,7 @@ for ids in jobs:
     steps = []
     for i in range(new):
         t = time.perf_counter(); llm.eval([ids[i % len(ids)]]); steps.append(time.perf_counter() - t)
-    out.append({"prefill": prefill, "step": statistics.median(steps)})
+    out.append({"prefill": prefill, "step": sum(steps) / len(steps)})
 print(json.dumps(out))
 """
 
@@ -89,7 +90,7 @@ class _Clock:
 
 
 def bench_hf(lm, batch_ids, new: int) -> tuple[float, float]:
-    """-> (prefill s, median decode step s)."""
+    """-> (prefill s, mean decode step s)."""
     from transformers import LogitsProcessorList
 
     x = torch.tensor(batch_ids)
@@ -98,8 +99,7 @@ def bench_hf(lm, batch_ids, new: int) -> tuple[float, float]:
         t = time.perf_counter()
         lm.hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
                        pad_token_id=0, attention_mask=torch.ones_like(x), logits_processor=LogitsProcessorList([clock]))
-    steps = [b - a for a, b in zip(clock.calls, clock.calls[1:])]
-    return clock.calls[0] - t, statistics.median(steps)
+    return clock.calls[0] - t, (clock.calls[-1] - clock.calls[0]) / (len(clock.calls) - 1)
 
 
 @contextlib.contextmanager
@@ -116,7 +116,7 @@ def torch_path(on: bool):
 
 
 def bench_kvchat(lm, profile, batch_ids, new: int, torch_only: bool = False) -> tuple[float, float, float]:
-    """-> (prefill s, median decode step s, KV held / full at the end)."""
+    """-> (prefill s, mean decode step s, KV held / full at the end)."""
     with torch_path(torch_only):
         eng = Engine(lm, profile, max_slots=len(batch_ids))
     eos = lm.eos_ids
@@ -133,7 +133,7 @@ def bench_kvchat(lm, profile, batch_ids, new: int, torch_only: bool = False) -> 
         held = sum(eng.usage(s.slot).held for s in seqs) / sum(eng.usage(s.slot).full for s in seqs)
     finally:
         lm.eos_ids = eos
-    return prefill, statistics.median(steps), held
+    return prefill, sum(steps) / len(steps), held
 
 
 def bench_llama(python: str, jobs: list[list[int]], threads: int, new: int) -> list[dict]:

@@ -65,6 +65,9 @@ class DenseFormat(Format):
         r = self.pages.read(slot, head, idx)
         return Tokens(r["k"].to(self.dtype), r["v"].to(self.dtype), r["pos"], r.get("bias"))
 
+    def positions(self, slot: int, head: int) -> torch.Tensor:
+        return self.pages.read(slot, head, names=("pos",))["pos"]
+
     def write(self, slot: int, head: int, idx: torch.Tensor, tokens: Tokens) -> None:
         vals = {"k": tokens.k, "v": tokens.v, "pos": tokens.pos}
         if self.with_bias:

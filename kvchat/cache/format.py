@@ -72,6 +72,10 @@ class Format:
             idx = torch.arange(t.pos.numel(), device=self.device)
             self.write(slot, h, idx, t._replace(k=rotate(t.k, t.pos, new), pos=new.to(torch.int32)))
 
+    def positions(self, slot: int, head: int) -> torch.Tensor:
+        """`read(slot, head).pos`; a format that can read positions alone overrides it."""
+        return self.read(slot, head).pos
+
     def tokens_held(self, slot: int) -> list[int]:
         return list(self.host[slot])
 

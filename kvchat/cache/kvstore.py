@@ -66,6 +66,10 @@ class KVStore:
     def read(self, layer: int, slot: int, head: int, idx: torch.Tensor | None = None) -> Tokens:
         return self.layers[layer].read(slot, head, idx)
 
+    def positions(self, layer: int, slot: int, head: int) -> torch.Tensor:
+        """(n,) int32 original positions of one (slot, kv head)'s tokens: `read(...).pos` without the K/V."""
+        return self.layers[layer].positions(slot, head)
+
     def write(self, layer: int, slot: int, head: int, idx: torch.Tensor, tokens: Tokens) -> None:
         self.layers[layer].write(slot, head, idx, tokens)
 

@@ -198,25 +198,30 @@ class PagedPools:
         idx = idx.long()
         return self.table[slot, head, idx // self.bs].long(), idx % self.bs
 
-    def read(self, slot: int, head: int, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Every pool's rows of `idx` (default: all stored tokens) of one (slot, head)."""
+    def read(self, slot: int, head: int, idx: torch.Tensor | None = None, names=None) -> dict[str, torch.Tensor]:
+        """Every pool's (or the pools `names`') rows of `idx` (default: all stored tokens) of one (slot, head)."""
         if idx is None:
             idx = torch.arange(self.host[slot][head], device=self.device)
-        return dict(zip(self.pools, store_gather(list(self.pools.values()), *self.locate(slot, head, idx))))
+        names = list(self.pools) if names is None else list(names)
+        return dict(zip(names, store_gather([self.pools[n] for n in names], *self.locate(slot, head, idx))))
 
     def write(self, slot: int, head: int, idx: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """Overwrite stored tokens in place. values[name]: (len(idx), *trailing) for every pool."""
         store_write(list(self.pools.values()), *self.locate(slot, head, idx), [values[n] for n in self.pools])
 
     def compact(self, slot: int, keep: list[torch.Tensor]) -> None:
-        """Keep only `keep[h]` (sorted storage indices) of each head of `slot`; free emptied blocks."""
-        for h, idx in enumerate(keep):
-            n_old, n = self.host[slot][h], int(idx.numel())
-            if n == n_old:
-                continue
-            kept = self.read(slot, h, idx)
-            self.write(slot, h, torch.arange(n, device=self.device), kept)
-            self._release(slot, h, n, n_old)
+        """Keep only `keep[h]` (sorted storage indices) of each head of `slot`; free emptied blocks. Every
+        changed head's kept rows are gathered in one copy per pool, then written to the heads' first slots."""
+        moved = [(h, idx) for h, idx in enumerate(keep) if int(idx.numel()) != self.host[slot][h]]
+        if not moved:
+            return
+        src = [self.locate(slot, h, idx) for h, idx in moved]
+        dst = [self.locate(slot, h, torch.arange(idx.numel(), device=self.device)) for h, idx in moved]
+        pools = list(self.pools.values())
+        kept = store_gather(pools, torch.cat([b for b, _ in src]), torch.cat([o for _, o in src]))
+        store_write(pools, torch.cat([b for b, _ in dst]), torch.cat([o for _, o in dst]), kept)
+        for h, idx in moved:
+            self._release(slot, h, int(idx.numel()), self.host[slot][h])
 
     def _release(self, slot: int, head: int, n: int, n_old: int) -> None:
         have, want = -(-n_old // self.bs), -(-n // self.bs)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvchat.methods.base import Method, PrefillCtx, neighbour_max, per_layer
+from kvchat.methods.base import Method, PrefillCtx, neighbour_max, same_tokens
 
 
 def density(rows: torch.Tensor, n: int) -> float:
@@ -63,29 +63,35 @@ def layer_budgets(sigma: list[float], n_tokens: int, ratio: float, min_budget: i
             for l, r in enumerate(ratios)]
 
 
-def max_similarity(ev_k, kept_k, index=False):
-    """Each evicted key's highest cosine similarity with a kept key (E,) [and which kept key]."""
-    u = F.normalize(ev_k.float(), dim=-1) @ F.normalize(kept_k.float(), dim=-1).T  # (E, C)
-    best, to = u.max(1)
-    return (best, to) if index else best
+def max_similarity(ev_k, kept_k) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each evicted key's highest cosine similarity with a kept key, and that key's index: ev_k (..., E, D),
+    kept_k (..., C, D) -> (..., E) twice (leading dims: heads evicted together)."""
+    u = F.normalize(ev_k.float(), dim=-1) @ F.normalize(kept_k.float(), dim=-1).transpose(-1, -2)  # (..., E, C)
+    return u.max(-1)
 
 
-def merge(kept_k, kept_v, ev_k, ev_v, tau: float):
+def merge(kept_k, kept_v, ev_k, ev_v, tau: float, sim=None):
     """Paper Eq. 11-12: each evicted token joins its most similar kept key if the similarity u >= tau.
 
-    kept_* (C, D), ev_* (E, D) -> merged kept keys and values, and each evicted token's max similarity.
+    kept_* (..., C, D), ev_* (..., E, D) -> merged kept keys and values, and each evicted token's max
+    similarity (..., E); `sim` = max_similarity(ev_k, kept_k) when the caller has it already.
     Weights are normalised per kept token: w_c = e / (e + S_c), w_e = exp(u_ec) / (e + S_c),
     S_c = sum of exp(u) over the tokens merging into c (e = exp(1), a key's similarity with itself).
     """
-    best, to = max_similarity(ev_k, kept_k, index=True)
-    wt = torch.exp(best) * (best >= tau)  # (E,) 0 for tokens that are discarded
-    denom = torch.full((kept_k.shape[0],), math.e).index_add_(0, to, wt)  # (C,)
+    best, to = max_similarity(ev_k, kept_k) if sim is None else sim
+    wt = torch.exp(best) * (best >= tau)  # (..., E) 0 for tokens that are discarded
+    denom = torch.full(kept_k.shape[:-1], math.e).scatter_add_(-1, to, wt)  # (..., C)
+    rows = to.unsqueeze(-1).expand(*to.shape, kept_k.shape[-1])
     out = []
     for kept, ev in ((kept_k, ev_k), (kept_v, ev_v)):
-        num = math.e * kept.float()
-        num.index_add_(0, to, wt.view(-1, 1) * ev.float())
-        out.append((num / denom.view(-1, 1)).to(kept.dtype))
+        num = (math.e * kept.float()).scatter_add_(-2, rows, wt.unsqueeze(-1) * ev.float())
+        out.append((num / denom.unsqueeze(-1)).to(kept.dtype))
     return out[0], out[1], best
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (g, n, D), idx (g, m) -> (g, m, D): each head's rows idx."""
+    return x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
 
 
 @dataclass
@@ -174,9 +180,9 @@ class D2O(Method):
             state = self._slots.get(slot)
             if state is not None and state.n[layer] is not None:
                 state.n[layer] = [k + n for k in state.n[layer]]
-                top = max(state.n[layer])
-                old = state.scores[layer]
-                state.scores[layer] = F.pad(old, (0, top - old.shape[1]))  # new tokens start at 0
+                top, buf = max(state.n[layer]), state.scores[layer]
+                if top > buf.shape[1]:  # new tokens start at 0; room for a block's worth more at once
+                    state.scores[layer] = F.pad(buf, (0, top + max(32, top // 8) - buf.shape[1]))
 
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):
@@ -187,7 +193,7 @@ class D2O(Method):
             if state is None or state.budgets[layer] is None:
                 continue
             n = max(state.n[layer])
-            state.scores[layer] = state.scores[layer] + ctx.colsum[b, :, :n].float()
+            state.scores[layer][:, :n] += ctx.colsum[b, :, :n]  # in place: the buffer is 0 past each head
             # Amortized: let a block's worth pile up, then evict it in one compaction.
             if n >= state.budgets[layer] + ctx.store.block_size:
                 self._evict(ctx.store, slot, layer, state, state.budgets[layer])
@@ -197,10 +203,14 @@ class D2O(Method):
         state = self._slots.get(slot)
         if state is None or state.scores[layer] is None:
             return
-        old = state.scores[layer]
-        new = old.new_zeros(old.shape[0], max(1, max(int(k.numel()) for k in keep)))
-        for h, idx in enumerate(keep):
-            new[h, : idx.numel()] = old[h, idx]
+        old, sizes = state.scores[layer], [int(k.numel()) for k in keep]
+        top = max(sizes)
+        new = old.new_zeros(old.shape[0], top + max(32, top // 8))  # 0 past each head; room to grow
+        if min(sizes) == top:
+            new[:, :top] = old.gather(1, torch.stack(keep))
+        else:
+            for h, idx in enumerate(keep):
+                new[h, : idx.numel()] = old[h, idx]
         state.scores[layer] = new
         state.n[layer] = [int(k.numel()) for k in keep]
 
@@ -222,33 +232,47 @@ class D2O(Method):
         top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
         return torch.cat([top, torch.arange(n - rec, n)])
 
+    def _keeps(self, store, slot: int, layer: int, scores: torch.Tensor, lens: list[int], budget: int):
+        """Sorted kept indices per KV head; `heads: layer` scores once for the layer when its heads hold
+        the same tokens (then every head keeps the same set)."""
+        if self.heads == "layer" and same_tokens(store, layer, slot):
+            keep = self.keep_indices(scores[:, : lens[0]].sum(0), budget)
+            return [keep] * len(lens)
+        return [self.keep_indices(scores[h, :n], budget) if n > budget else torch.arange(n)
+                for h, n in enumerate(lens)]
+
     def _evict(self, store, slot: int, layer: int, state: _SlotState, budget: int) -> None:
         lens = list(store.lengths(layer, slot))
         if max(lens) <= budget:
             return
-        scores = state.scores[layer]
-        if self.heads == "layer":  # one token set for the whole layer
-            scores = per_layer(scores, store, layer, slot)
-        keeps = [self.keep_indices(scores[h, :n], budget) if n > budget else torch.arange(n)
-                 for h, n in enumerate(lens)]
+        keeps = self._keeps(store, slot, layer, state.scores[layer], lens, budget)
         if not self.merge:
             store.compact(layer, slot, keeps)
             return
-        plans = []
+        # Heads that lose tokens, grouped by length: a group's similarities and merges run as one batch.
+        groups: dict[int, list[int]] = {}
         for h, (n, keep) in enumerate(zip(lens, keeps)):
-            gone = torch.ones(n, dtype=torch.bool)
-            gone[keep] = False
-            plans.append((keep, gone.nonzero().flatten(), store.read(layer, slot, h)))
+            if keep.numel() < n:
+                groups.setdefault(n, []).append(h)
+        plans = []
+        for n, heads in groups.items():
+            toks = [store.read(layer, slot, h) for h in heads]
+            keep = torch.stack([keeps[h] for h in heads])  # (g, C)
+            gone = torch.ones(len(heads), n, dtype=torch.bool).scatter_(1, keep, False)
+            gone = gone.nonzero()[:, 1].view(len(heads), -1)  # (g, E), sorted
+            k, v = torch.stack([t.k for t in toks]), torch.stack([t.v for t in toks])  # (g, n, D)
+            kept_k, ev_k = _rows(k, keep), _rows(k, gone)
+            plans.append((heads, toks, keep, kept_k, _rows(v, keep), ev_k, _rows(v, gone), max_similarity(ev_k, kept_k)))
         # One threshold per layer (paper Eq. 10), from this eviction's head-mean max similarity.
-        sims = [max_similarity(t.k[gone], t.k[keep]).mean() for keep, gone, t in plans if gone.numel()]
+        sim = torch.cat([p[-1][0].mean(-1) for p in plans]).mean().item()
         tau = state.tau[layer]
-        sim = torch.stack(sims).mean().item()
         state.tau[layer] = tau = sim if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sim
-        merged = []
-        for keep, gone, t in plans:
-            k_new, v_new, _ = merge(t.k[keep], t.v[keep], t.k[gone], t.v[gone], tau)
-            merged.append(t.select(keep)._replace(k=k_new, v=v_new))
-        store.compact(layer, slot, [keep for keep, _, _ in plans])  # scores and other methods follow
-        for h, ((keep, gone, _), tokens) in enumerate(zip(plans, merged)):
-            if gone.numel():
-                store.write(layer, slot, h, torch.arange(keep.numel()), tokens)
+        store.compact(layer, slot, keeps)  # scores and other methods follow; kept token j is now at j
+        for heads, toks, keep, kept_k, kept_v, ev_k, ev_v, (best, to) in plans:
+            k_new, v_new, _ = merge(kept_k, kept_v, ev_k, ev_v, tau, (best, to))
+            hit = best >= tau
+            for i, h in enumerate(heads):  # rewrite only the kept tokens something merged into
+                rows = torch.unique(to[i][hit[i]])
+                if rows.numel():
+                    tokens = toks[i].select(keep[i][rows])._replace(k=k_new[i, rows], v=v_new[i, rows])
+                    store.write(layer, slot, h, rows, tokens)

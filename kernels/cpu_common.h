@@ -30,7 +30,7 @@ static inline bf16 f2bf(float f) {
 /* x rounded to the model dtype and back: what storing an intermediate tensor does */
 static inline float rnd(float x, int dt) { return dt ? bf2f(f2bf(x)) : x; }
 
-/* exp(x) in a form the compiler vectorizes (glibc's expf is a scalar call): x = n ln2 + r, |r| <= ln2/2,
+/* exp(x) without a libm call (glibc's expf is scalar; exp16 below is the 16-lane form): x = n ln2 + r, |r| <= ln2/2,
  * exp(r) by a degree-7 Taylor polynomial (relative error < 2e-7, about one ulp), times 2^n built in the
  * exponent bits. Below -87 (exp < 1.7e-38) it returns 0, as softmax wants; above 88, infinity. */
 static inline float exp_fast(float x) {

@@ -29,7 +29,9 @@ def test_full_profile_greedy_equals_hf_generate(embedded):
 
 
 def test_pipe_mode_prints_only_the_answer(embedded):
-    r = CliRunner().invoke(main, [], input="What is the capital of France?\n")
+    # float32: in bfloat16 the first token is a tie ("The" 25.875 vs "L" 25.625 in HF's own logits, two
+    # bf16 steps apart), and which side a CPU's rounding lands on decides whether Paris is named.
+    r = CliRunner().invoke(main, ["--dtype", "float32"], input="What is the capital of France?\n")
     assert r.exit_code == 0, r.output
     assert "Paris" in r.stdout and "Error" not in r.stdout
 

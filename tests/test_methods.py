@@ -10,7 +10,7 @@ import torch
 
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.errors import ProfileError
-from kvchat.methods.d2o import D2O, density, layer_budgets, merge
+from kvchat.methods.d2o import D2O, density, layer_budgets, merge, merge_rows
 from kvchat.methods.pyramid import PyramidInfer, carried, cosine_schedule, distance_scores, pivotal
 from kvchat.model import LoadedModel, describe
 from kvchat.profiles import Profile, load_profile, parse_profile
@@ -165,6 +165,18 @@ def test_d2o_merge_matches_paper_weighted_combination():
     assert torch.equal(k[1], kept_k[1]) and torch.equal(v[1], kept_v[1])
 
 
+def test_d2o_merge_rows_are_the_rows_merge_changes():
+    torch.manual_seed(0)
+    kept_k, kept_v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)  # leading dims: slots x heads
+    ev_k, ev_v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
+    k, v, best = merge(kept_k, kept_v, ev_k, ev_v, tau=0.2)
+    rows, rk, rv = merge_rows(kept_k, kept_v, ev_k, ev_v, tau=0.2)
+    changed = (k != kept_k).any(-1).view(-1).nonzero().squeeze(1)
+    assert rows.numel() > 0 and torch.equal(rows, changed)
+    assert torch.equal(rk, k.view(-1, 8)[rows]) and torch.equal(rv, v.view(-1, 8)[rows])
+    assert not merge_rows(kept_k, kept_v, ev_k, ev_v, tau=2.0)[0].numel()  # nothing passes: nothing changes
+
+
 # ---- on the tiny model --------------------------------------------------------------------------------
 KEEP_ALL = {
     "pyramid": lambda: PyramidInfer(decay=1.0, gen_compress=1.0, gen_decay=1.0),
@@ -223,6 +235,24 @@ def test_d2o_bounded_decode_and_budgets(tiny):
         else:
             assert all(b <= n < b + eng.store.block_size for n in kept[l])
     assert res.kv["saved"] > 0.3
+
+
+def test_d2o_slack_evicts_less_often_and_stays_within_it(tiny, monkeypatch):
+    ids = prompt(300)
+    calls, evict = [], D2O._evict
+    monkeypatch.setattr(D2O, "_evict", lambda self, *a: (calls.append(a[1]), evict(self, *a))[1])
+    n_evict = {}
+    for slack in (0.0, 0.5):
+        calls.clear()
+        res, eng = run(tiny, [D2O(ratio=0.5, min_budget=32, slack=slack)], ids, n=80)
+        st = eng.methods[0]._slots[0]
+        for l, (b, kept) in enumerate(zip(st.budgets, eng.store.tokens_kept(0))):
+            if b is not None:
+                assert all(b <= n < b + max(eng.store.block_size, int(slack * b)) for n in kept)
+        n_evict[slack] = len(calls)
+    assert 0 < n_evict[0.5] < n_evict[0.0]
+    with pytest.raises(Exception, match="slack"):
+        D2O(slack=1.5)
 
 
 def test_razor_heads_window_and_compensation(tiny, home):

@@ -6,6 +6,7 @@ import torch
 
 from conftest import tiny_model
 from kvchat.cache import DenseFormat
+from kvchat.cache.format import Format, Tokens
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.window import Window
 from kvchat.profiles import Profile
@@ -44,6 +45,29 @@ def test_append_read_compact_roundtrip():
     assert used_storage(st) == st.bytes_held()
     st.free_slot(1)
     assert st.pages.slot_blocks[1] == 0 and len(st.pages.free) == st.pages.capacity
+
+
+def test_read_heads_and_write_many_match_the_per_head_calls():
+    st = DenseFormat(n_slots=2, n_kv=3, head_dim=8, block_size=4, dtype=torch.bfloat16, device=CPU, with_bias=True)
+    st.append_chunk(0, None, torch.randn(10, 3, 8), torch.randn(10, 3, 8), torch.arange(50, 60))
+    both = st.read_heads(0)
+    assert both.k.shape == (3, 10, 8) and both.bias.shape == (3, 10)
+    for h in range(3):
+        for a, b in zip(both, st.read(0, h)):
+            assert torch.equal(a[h], b)
+    # The Format default (per-head reads, stacked) gives the same.
+    for a, b in zip(both, Format.read_heads(st, 0)):
+        assert torch.equal(a, b)
+    heads, idx = torch.tensor([2, 0, 2]), torch.tensor([9, 3, 0])  # several heads, block tails included
+    new = Tokens(torch.randn(3, 8).bfloat16(), torch.randn(3, 8).bfloat16(), torch.tensor([7, 8, 9], dtype=torch.int32),
+                 torch.tensor([0.5, 1.5, 2.5]))
+    st.write_many(0, heads, idx, new)
+    for n, (h, i) in enumerate(zip(heads.tolist(), idx.tolist())):
+        got = st.read(0, h, torch.tensor([i]))
+        assert torch.equal(got.k[0], new.k[n]) and int(got.pos[0]) == int(new.pos[n]) and float(got.bias[0]) == float(new.bias[n])
+    assert torch.equal(st.read(0, 1).k, both.k[1])  # head 1 untouched
+    st.compact(0, [torch.arange(10), torch.arange(4), torch.arange(10)])
+    assert st.read_heads(0) is None  # heads of different lengths: no stacked read
 
 
 def test_trim_gives_storage_back_and_keeps_contents():

@@ -65,6 +65,18 @@ class DenseFormat(Format):
         r = self.pages.read(slot, head, idx)
         return Tokens(r["k"].to(self.dtype), r["v"].to(self.dtype), r["pos"], r.get("bias"))
 
+    def read_heads(self, slot: int) -> Tokens | None:
+        r = self.pages.read_heads(slot)
+        if r is None:
+            return None
+        return Tokens(r["k"].to(self.dtype), r["v"].to(self.dtype), r["pos"], r.get("bias"))
+
+    def write_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor, tokens: Tokens) -> None:
+        vals = {"k": tokens.k, "v": tokens.v, "pos": tokens.pos}
+        if self.with_bias:
+            vals["bias"] = tokens.bias if tokens.bias is not None else torch.zeros(idx.numel(), device=self.device)
+        self.pages.write_many(slot, heads, idx, vals)
+
     def positions(self, slot: int, head: int) -> torch.Tensor:
         return self.pages.read(slot, head, names=("pos",))["pos"]
 

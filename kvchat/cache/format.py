@@ -7,6 +7,7 @@ A format owns its pools and answers five things for the engine and the methods:
     attend_prefill(q, slot, q_pos, scale, last_w, fresh) -> (out, rows | None)
     attend_decode(q, slots, slots_t, scale, colsum) -> (out, colsum | None)
     read / write / compact                          tokens in storage order, per (slot, kv head)
+    read_heads / write_many                         the same for every head of a slot at once
     seal(slots)                                     after the step's policies ran (tail formats)
     bytes_held() / bytes_held_slot(slot) / bytes_reserved()
 
@@ -71,6 +72,21 @@ class Format:
             new = new_pos(t.pos)
             idx = torch.arange(t.pos.numel(), device=self.device)
             self.write(slot, h, idx, t._replace(k=rotate(t.k, t.pos, new), pos=new.to(torch.int32)))
+
+    def read_heads(self, slot: int) -> "Tokens | None":
+        """Every KV head's tokens stacked, k, v (H, n, D), pos and bias (H, n), when the heads hold the
+        same number n; None when they differ. A format that can read them in one copy overrides it."""
+        lens = self.host[slot]
+        if any(n != lens[0] for n in lens):
+            return None
+        ts = [self.read(slot, h) for h in range(self.n_kv)]
+        return Tokens(*(None if x[0] is None else torch.stack(x) for x in zip(*ts)))
+
+    def write_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor, tokens: "Tokens") -> None:
+        """`write` for tokens of several heads: token n goes to storage index idx[n] of head heads[n]."""
+        for h in torch.unique(heads).tolist():
+            m = heads == h
+            self.write(slot, h, idx[m], tokens.select(m))
 
     def positions(self, slot: int, head: int) -> torch.Tensor:
         """`read(slot, head).pos`; a format that can read positions alone overrides it."""

@@ -73,6 +73,14 @@ class KVStore:
     def write(self, layer: int, slot: int, head: int, idx: torch.Tensor, tokens: Tokens) -> None:
         self.layers[layer].write(slot, head, idx, tokens)
 
+    def read_heads(self, layer: int, slot: int) -> Tokens | None:
+        """Every KV head's tokens at once ((H, n, ...) each) when the heads hold the same number; else None."""
+        return self.layers[layer].read_heads(slot)
+
+    def write_many(self, layer: int, slot: int, heads: torch.Tensor, idx: torch.Tensor, tokens: Tokens) -> None:
+        """Overwrite tokens of several heads: token n is storage index idx[n] of KV head heads[n]."""
+        self.layers[layer].write_many(slot, heads, idx, tokens)
+
     def compact(self, layer: int, slot: int, keep: list[torch.Tensor]) -> None:
         """Keep only `keep[h]` (sorted storage indices) of each KV head of (`layer`'s owner, `slot`)."""
         owner = self.owner(layer)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from kvchat_kernels import choose_impl, cpu, store_gather, store_write
+from kvchat_kernels.store_ops import index_rows
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # pool name -> (trailing shape, dtype)
 
@@ -198,6 +199,27 @@ class PagedPools:
         idx = idx.long()
         return self.table[slot, head, idx // self.bs].long(), idx % self.bs
 
+    def locate_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage order indices `idx` of heads `heads` (same shape) of one slot -> (block ids, offsets)."""
+        idx = idx.long()
+        return self.table[slot][heads, idx // self.bs].long(), idx % self.bs
+
+    def read_heads(self, slot: int, names=None) -> dict[str, torch.Tensor] | None:
+        """Every head's stored tokens at once, (n_heads, n, *trailing) per pool (or the pools `names`),
+        when the heads hold the same number n; None when they differ. One copy of the slot's blocks a pool."""
+        lens = self.host[slot]
+        n = lens[0]
+        if any(m != n for m in lens):
+            return None
+        nb = -(-n // self.bs)
+        ids = self.table[slot, :, :nb].reshape(-1).long()
+        names = list(self.pools) if names is None else list(names)
+        out = {}
+        for name in names:
+            pool = self.pools[name]
+            out[name] = index_rows(pool, ids).view(self.n_heads, nb * self.bs, *pool.shape[2:])[:, :n]
+        return out
+
     def read(self, slot: int, head: int, idx: torch.Tensor | None = None, names=None) -> dict[str, torch.Tensor]:
         """Every pool's (or the pools `names`') rows of `idx` (default: all stored tokens) of one (slot, head)."""
         if idx is None:
@@ -209,17 +231,23 @@ class PagedPools:
         """Overwrite stored tokens in place. values[name]: (len(idx), *trailing) for every pool."""
         store_write(list(self.pools.values()), *self.locate(slot, head, idx), [values[n] for n in self.pools])
 
+    def write_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """`write` for tokens of several heads at once: token n is row idx[n] of head heads[n]."""
+        store_write(list(self.pools.values()), *self.locate_many(slot, heads, idx), [values[n] for n in self.pools])
+
     def compact(self, slot: int, keep: list[torch.Tensor]) -> None:
         """Keep only `keep[h]` (sorted storage indices) of each head of `slot`; free emptied blocks. Every
         changed head's kept rows are gathered in one copy per pool, then written to the heads' first slots."""
         moved = [(h, idx) for h, idx in enumerate(keep) if int(idx.numel()) != self.host[slot][h]]
         if not moved:
             return
-        src = [self.locate(slot, h, idx) for h, idx in moved]
-        dst = [self.locate(slot, h, torch.arange(idx.numel(), device=self.device)) for h, idx in moved]
+        sizes = [int(idx.numel()) for _, idx in moved]
+        heads = torch.tensor([h for h, _ in moved], device=self.device).repeat_interleave(
+            torch.tensor(sizes, device=self.device))
+        src = self.locate_many(slot, heads, torch.cat([idx for _, idx in moved]))
+        dst = self.locate_many(slot, heads, torch.cat([torch.arange(n, device=self.device) for n in sizes]))
         pools = list(self.pools.values())
-        kept = store_gather(pools, torch.cat([b for b, _ in src]), torch.cat([o for _, o in src]))
-        store_write(pools, torch.cat([b for b, _ in dst]), torch.cat([o for _, o in dst]), kept)
+        store_write(pools, *dst, store_gather(pools, *src))
         for h, idx in moved:
             self._release(slot, h, int(idx.numel()), self.host[slot][h])
 

@@ -24,9 +24,10 @@ merging; `edges: false` compresses layers 0, 1 and L-1 too; `dynamic: false` giv
 Evicted tokens merge into their most similar kept key when that cosine similarity u passes the
 threshold tau (EMA over evictions: tau <- (1 - `tau_ema`) tau + `tau_ema` mean max-similarity, first tau
 = the mean), weighted per kept token c as in Eq. 11-12: k_c <- (e k_c + sum_e exp(u_ec) k_e) /
-(e + sum_e exp(u_ec)), values alike. Decode evicts a block's worth at once when a layer reaches
-budget + block_size tokens, so compaction is amortized and held bytes stay within one block per head
-of the budget.
+(e + sum_e exp(u_ec)), values alike. Decode evicts at once what piled up when a layer reaches
+budget + max(block_size, `slack` x budget) tokens, so compaction is amortized (an eviction costs the
+same ~fifty small tensor ops whether it drops 16 tokens or 150) and held bytes stay within that of the
+budget; a layer's slack follows its budget, so layers evict at different steps.
 
 Multi-turn: a new turn is appended on top, every stored token (earlier turns included) is re-scored by
 the new turn's last queries, budgets are recomputed from the tokens seen so far, and each layer evicts
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvchat_kernels.store_ops import index_rows
+from kvchat.cache.format import Tokens
 from kvchat.methods.base import Method, PrefillCtx, neighbour_max, same_tokens
 
 
@@ -70,28 +73,49 @@ def max_similarity(ev_k, kept_k) -> tuple[torch.Tensor, torch.Tensor]:
     return u.max(-1)
 
 
-def merge(kept_k, kept_v, ev_k, ev_v, tau: float, sim=None):
-    """Paper Eq. 11-12: each evicted token joins its most similar kept key if the similarity u >= tau.
+def merge_rows(kept_k, kept_v, ev_k, ev_v, tau: float, sim=None):
+    """Paper Eq. 11-12, computed for the kept tokens that change only: each evicted token joins its most
+    similar kept key if the similarity u >= tau.
 
-    kept_* (..., C, D), ev_* (..., E, D) -> merged kept keys and values, and each evicted token's max
-    similarity (..., E); `sim` = max_similarity(ev_k, kept_k) when the caller has it already.
-    Weights are normalised per kept token: w_c = e / (e + S_c), w_e = exp(u_ec) / (e + S_c),
-    S_c = sum of exp(u) over the tokens merging into c (e = exp(1), a key's similarity with itself).
+    kept_* (..., C, D), ev_* (..., E, D) -> (rows (R,) indices into the flattened (..., C) kept tokens that
+    something merged into, their new keys and values (R, D)); `sim` = max_similarity(ev_k, kept_k) when
+    the caller has it already. Weights are normalised per kept token: w_c = e / (e + S_c),
+    w_e = exp(u_ec) / (e + S_c), S_c = sum of exp(u) over the tokens merging into c (e = exp(1), a key's
+    similarity with itself).
     """
     best, to = max_similarity(ev_k, kept_k) if sim is None else sim
-    wt = torch.exp(best) * (best >= tau)  # (..., E) 0 for tokens that are discarded
-    denom = torch.full(kept_k.shape[:-1], math.e).scatter_add_(-1, to, wt)  # (..., C)
-    rows = to.unsqueeze(-1).expand(*to.shape, kept_k.shape[-1])
+    C, D = kept_k.shape[-2:]
+    lead = torch.arange(best.numel() // max(best.shape[-1], 1), device=best.device).view(*best.shape[:-1], 1)
+    src = (best >= tau).view(-1).nonzero().squeeze(1)  # flat evicted tokens that merge
+    rows, into = torch.unique((to + C * lead).view(-1)[src], return_inverse=True)
+    wt = torch.exp(best.view(-1)[src])
+    denom = torch.full((rows.numel(),), math.e).index_add_(0, into, wt).unsqueeze(-1)
     out = []
     for kept, ev in ((kept_k, ev_k), (kept_v, ev_v)):
-        num = (math.e * kept.float()).scatter_add_(-2, rows, wt.unsqueeze(-1) * ev.float())
-        out.append((num / denom.unsqueeze(-1)).to(kept.dtype))
-    return out[0], out[1], best
+        num = math.e * kept.reshape(-1, D)[rows].float()
+        num.index_add_(0, into, wt.unsqueeze(-1) * ev.reshape(-1, D)[src].float())
+        out.append((num / denom).to(kept.dtype))
+    return rows, out[0], out[1]
+
+
+def merge(kept_k, kept_v, ev_k, ev_v, tau: float, sim=None):
+    """`merge_rows` applied: -> merged kept keys and values (..., C, D) (tokens nothing merged into are
+    unchanged), and each evicted token's max similarity (..., E)."""
+    sim = max_similarity(ev_k, kept_k) if sim is None else sim
+    rows, k, v = merge_rows(kept_k, kept_v, ev_k, ev_v, tau, sim)
+    out = []
+    for kept, new in ((kept_k, k), (kept_v, v)):
+        kept = kept.clone()
+        kept.view(-1, kept.shape[-1])[rows] = new
+        out.append(kept)
+    return out[0], out[1], sim[0]
 
 
 def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (g, n, D), idx (g, m) -> (g, m, D): each head's rows idx."""
-    return x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+    """x (g, n, D), idx (g, m) -> (g, m, D): each head's rows idx (one row copy, no expanded gather)."""
+    g, n, D = x.shape
+    flat = (idx + n * torch.arange(g, device=idx.device).view(-1, 1)).view(-1)
+    return index_rows(x.reshape(g * n, D), flat).view(g, idx.shape[1], D)
 
 
 @dataclass
@@ -117,6 +141,7 @@ class D2O(Method):
     dynamic: bool = True
     pool: int = 1
     heads: str = "kv"
+    slack: float = 0.125
 
     def __post_init__(self):
         self._float("ratio", lo=0.0, hi=1.0, lo_open=True)
@@ -125,6 +150,7 @@ class D2O(Method):
         self._int("sink", lo=0)
         self._int("obs_window", lo=1)
         self._float("tau_ema", lo=0.0, hi=1.0)
+        self._float("slack", lo=0.0, hi=1.0)
         for key in ("merge", "edges", "dynamic"):
             if not isinstance(getattr(self, key), bool):
                 raise self._err(key, "must be true or false", getattr(self, key))
@@ -194,8 +220,9 @@ class D2O(Method):
                 continue
             n = max(state.n[layer])
             state.scores[layer][:, :n] += ctx.colsum[b, :, :n]  # in place: the buffer is 0 past each head
-            # Amortized: let a block's worth pile up, then evict it in one compaction.
-            if n >= state.budgets[layer] + ctx.store.block_size:
+            # Amortized: let `slack` pile up, then evict it in one compaction.
+            budget = state.budgets[layer]
+            if n >= budget + max(ctx.store.block_size, int(self.slack * budget)):
                 self._evict(ctx.store, slot, layer, state, state.budgets[layer])
 
     # ---- per-token state follows every compaction --------------------------------------------------
@@ -232,12 +259,11 @@ class D2O(Method):
         top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
         return torch.cat([top, torch.arange(n - rec, n)])
 
-    def _keeps(self, store, slot: int, layer: int, scores: torch.Tensor, lens: list[int], budget: int):
+    def _keeps(self, scores: torch.Tensor, lens: list[int], budget: int, same: bool) -> list[torch.Tensor]:
         """Sorted kept indices per KV head; `heads: layer` scores once for the layer when its heads hold
-        the same tokens (then every head keeps the same set)."""
-        if self.heads == "layer" and same_tokens(store, layer, slot):
-            keep = self.keep_indices(scores[:, : lens[0]].sum(0), budget)
-            return [keep] * len(lens)
+        the same tokens (`same`; then every head keeps the same set)."""
+        if self.heads == "layer" and same:
+            return [self.keep_indices(scores[:, : lens[0]].sum(0), budget)] * len(lens)
         return [self.keep_indices(scores[h, :n], budget) if n > budget else torch.arange(n)
                 for h, n in enumerate(lens)]
 
@@ -245,7 +271,14 @@ class D2O(Method):
         lens = list(store.lengths(layer, slot))
         if max(lens) <= budget:
             return
-        keeps = self._keeps(store, slot, layer, state.scores[layer], lens, budget)
+        # Heads of equal length (the usual case) come in one read; their positions tell whether they hold
+        # the same tokens.
+        both = store.read_heads(layer, slot) if self.merge else None
+        if both is not None:
+            same = bool((both.pos == both.pos[:1]).all())
+        else:
+            same = self.heads == "layer" and same_tokens(store, layer, slot)
+        keeps = self._keeps(state.scores[layer], lens, budget, same)
         if not self.merge:
             store.compact(layer, slot, keeps)
             return
@@ -256,23 +289,28 @@ class D2O(Method):
                 groups.setdefault(n, []).append(h)
         plans = []
         for n, heads in groups.items():
-            toks = [store.read(layer, slot, h) for h in heads]
+            if both is not None and len(heads) == len(lens):
+                toks = both
+            else:
+                toks = Tokens(*(None if x[0] is None else torch.stack(x)
+                                for x in zip(*(store.read(layer, slot, h) for h in heads))))
             keep = torch.stack([keeps[h] for h in heads])  # (g, C)
             gone = torch.ones(len(heads), n, dtype=torch.bool).scatter_(1, keep, False)
             gone = gone.nonzero()[:, 1].view(len(heads), -1)  # (g, E), sorted
-            k, v = torch.stack([t.k for t in toks]), torch.stack([t.v for t in toks])  # (g, n, D)
-            kept_k, ev_k = _rows(k, keep), _rows(k, gone)
-            plans.append((heads, toks, keep, kept_k, _rows(v, keep), ev_k, _rows(v, gone), max_similarity(ev_k, kept_k)))
+            kept_k, ev_k = _rows(toks.k, keep), _rows(toks.k, gone)
+            plans.append((heads, toks, keep, kept_k, ev_k, gone, max_similarity(ev_k, kept_k)))
         # One threshold per layer (paper Eq. 10), from this eviction's head-mean max similarity.
         sim = torch.cat([p[-1][0].mean(-1) for p in plans]).mean().item()
         tau = state.tau[layer]
         state.tau[layer] = tau = sim if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sim
         store.compact(layer, slot, keeps)  # scores and other methods follow; kept token j is now at j
-        for heads, toks, keep, kept_k, kept_v, ev_k, ev_v, (best, to) in plans:
-            k_new, v_new, _ = merge(kept_k, kept_v, ev_k, ev_v, tau, (best, to))
-            hit = best >= tau
-            for i, h in enumerate(heads):  # rewrite only the kept tokens something merged into
-                rows = torch.unique(to[i][hit[i]])
-                if rows.numel():
-                    tokens = toks[i].select(keep[i][rows])._replace(k=k_new[i, rows], v=v_new[i, rows])
-                    store.write(layer, slot, h, rows, tokens)
+        for heads, toks, keep, kept_k, ev_k, gone, sim in plans:
+            # Rewrite only the kept tokens something merged into, every head's in one write.
+            rows, k_new, v_new = merge_rows(kept_k, _rows(toks.v, keep), ev_k, _rows(toks.v, gone), tau, sim)
+            if rows.numel():
+                C = keep.shape[1]
+                head, idx = rows // C, rows % C
+                src = keep.view(-1)[rows]
+                bias = None if toks.bias is None else toks.bias[head, src]
+                store.write_many(layer, slot, torch.tensor(heads)[head], idx,
+                                 Tokens(k_new, v_new, toks.pos[head, src], bias))

@@ -292,6 +292,43 @@ def test_razor_running_mean_during_decode(tiny, home):
     assert bias[0].item() == pytest.approx(math.log(100 + 69 - (n_kept - 1)))
 
 
+def test_razor_slack_bounds_the_heads_and_folds_less_often(tiny, home, monkeypatch):
+    from kvchat.methods.razor import RazorAttention
+
+    calls, fold = [], RazorAttention._fold
+    monkeypatch.setattr(RazorAttention, "_fold", lambda self, *a: (calls.append(a[2]), fold(self, *a))[1])
+    n_fold = {}
+    for slack in (0.0, 1.0):
+        calls.clear()
+        m = RazorAttention(sink=2, recent=32, window_ratio=0.0, echo_ratio=0.0, induction_ratio=0.0,
+                           calib_tokens=16, calib_repeats=2, slack=slack)
+        res, eng = run(tiny, [m], prompt(100), n=70)
+        for heads in eng.store.tokens_kept(0):
+            assert all(2 + 1 + 32 <= n <= 2 + 1 + 32 + max(eng.store.block_size, int(slack * 32)) for n in heads)
+        l0 = eng.store.layers[0]
+        assert l0.read(0, 0, torch.tensor([2])).bias[0].item() == pytest.approx(math.log(100 + 69 - (l0.host[0][0] - 1)))
+        n_fold[slack] = len(calls)
+    assert 0 < n_fold[1.0] < n_fold[0.0]
+
+
+def test_razor_compensation_is_the_running_mean_of_what_it_folds():
+    from kvchat.cache import DenseFormat
+    from kvchat.methods.razor import RazorAttention
+
+    fmt = DenseFormat(n_slots=1, n_kv=3, head_dim=4, block_size=4, dtype=torch.float32, device=torch.device("cpu"),
+                      with_bias=True)
+    k, v = torch.randn(12, 3, 4), torch.randn(12, 3, 4)
+    fmt.append_chunk(0, None, k, v, torch.arange(12))
+    store = type("S", (), {"read_many": lambda self, layer, slot, h, i: fmt.read_many(slot, h, i)})()
+    m = RazorAttention.__new__(RazorAttention)
+    # head 0: first fold of tokens 2..6; head 2: its comp token at 2 stands for 3 earlier tokens, fold 3..6
+    got = m._compensation(store, 0, 0, [(0, -1, 2, 5), (2, 2, 3, 4)], torch.tensor([0.0, 0.0, 3.0]))
+    assert torch.allclose(got.k[0], k[2:7, 0].mean(0)) and torch.allclose(got.v[0], v[2:7, 0].mean(0))
+    assert torch.allclose(got.k[1], (3 * k[2, 2] + k[3:7, 2].sum(0)) / 7)
+    assert torch.allclose(got.v[1], (3 * v[2, 2] + v[3:7, 2].sum(0)) / 7)
+    assert got.pos.tolist() == [6, 6] and got.bias.tolist() == pytest.approx([math.log(5), math.log(7)])
+
+
 def test_razor_calibration_deterministic_and_cached(tiny, home):
     from kvchat.calibration import calibrate
     from kvchat.calibration.razor import random_repeats, score_heads

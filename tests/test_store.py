@@ -66,6 +66,9 @@ def test_read_heads_and_write_many_match_the_per_head_calls():
         got = st.read(0, h, torch.tensor([i]))
         assert torch.equal(got.k[0], new.k[n]) and int(got.pos[0]) == int(new.pos[n]) and float(got.bias[0]) == float(new.bias[n])
     assert torch.equal(st.read(0, 1).k, both.k[1])  # head 1 untouched
+    for fn in (st.read_many, lambda *a: Format.read_many(st, *a)):  # one gather, and the per-head default
+        got = fn(0, heads, idx)
+        assert torch.equal(got.k, new.k) and torch.equal(got.pos, new.pos) and torch.equal(got.bias, new.bias)
     st.compact(0, [torch.arange(10), torch.arange(4), torch.arange(10)])
     assert st.read_heads(0) is None  # heads of different lengths: no stacked read
 

@@ -71,6 +71,10 @@ class DenseFormat(Format):
             return None
         return Tokens(r["k"].to(self.dtype), r["v"].to(self.dtype), r["pos"], r.get("bias"))
 
+    def read_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor) -> Tokens:
+        r = self.pages.read_many(slot, heads, idx)
+        return Tokens(r["k"].to(self.dtype), r["v"].to(self.dtype), r["pos"], r.get("bias"))
+
     def write_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor, tokens: Tokens) -> None:
         vals = {"k": tokens.k, "v": tokens.v, "pos": tokens.pos}
         if self.with_bias:

@@ -7,7 +7,7 @@ A format owns its pools and answers five things for the engine and the methods:
     attend_prefill(q, slot, q_pos, scale, last_w, fresh) -> (out, rows | None)
     attend_decode(q, slots, slots_t, scale, colsum) -> (out, colsum | None)
     read / write / compact                          tokens in storage order, per (slot, kv head)
-    read_heads / write_many                         the same for every head of a slot at once
+    read_heads / read_many / write_many             the same for several heads of a slot at once
     seal(slots)                                     after the step's policies ran (tail formats)
     bytes_held() / bytes_held_slot(slot) / bytes_reserved()
 
@@ -81,6 +81,15 @@ class Format:
             return None
         ts = [self.read(slot, h) for h in range(self.n_kv)]
         return Tokens(*(None if x[0] is None else torch.stack(x) for x in zip(*ts)))
+
+    def read_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor) -> "Tokens":
+        """`read` for tokens of several heads: token n is storage index idx[n] of head heads[n]."""
+        out = [None] * heads.numel()
+        for h in torch.unique(heads).tolist():
+            m = (heads == h).nonzero().squeeze(1)
+            for j, t in zip(m.tolist(), zip(*self.read(slot, h, idx[m]))):
+                out[j] = t
+        return Tokens(*(None if x[0] is None else torch.stack(x) for x in zip(*out)))
 
     def write_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor, tokens: "Tokens") -> None:
         """`write` for tokens of several heads: token n goes to storage index idx[n] of head heads[n]."""

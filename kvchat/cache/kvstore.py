@@ -77,6 +77,10 @@ class KVStore:
         """Every KV head's tokens at once ((H, n, ...) each) when the heads hold the same number; else None."""
         return self.layers[layer].read_heads(slot)
 
+    def read_many(self, layer: int, slot: int, heads: torch.Tensor, idx: torch.Tensor) -> Tokens:
+        """Tokens of several heads: token n is storage index idx[n] of KV head heads[n]; (N, ...) each."""
+        return self.layers[layer].read_many(slot, heads, idx)
+
     def write_many(self, layer: int, slot: int, heads: torch.Tensor, idx: torch.Tensor, tokens: Tokens) -> None:
         """Overwrite tokens of several heads: token n is storage index idx[n] of KV head heads[n]."""
         self.layers[layer].write_many(slot, heads, idx, tokens)

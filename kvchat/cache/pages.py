@@ -231,6 +231,10 @@ class PagedPools:
         """Overwrite stored tokens in place. values[name]: (len(idx), *trailing) for every pool."""
         store_write(list(self.pools.values()), *self.locate(slot, head, idx), [values[n] for n in self.pools])
 
+    def read_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`read` for tokens of several heads at once: token n is row idx[n] of head heads[n]."""
+        return dict(zip(self.pools, store_gather(list(self.pools.values()), *self.locate_many(slot, heads, idx))))
+
     def write_many(self, slot: int, heads: torch.Tensor, idx: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """`write` for tokens of several heads at once: token n is row idx[n] of head heads[n]."""
         store_write(list(self.pools.values()), *self.locate_many(slot, heads, idx), [values[n] for n in self.pools])

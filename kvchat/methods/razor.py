@@ -11,8 +11,9 @@ physical per head: a non-retrieval head holds sink + 1 + W tokens whatever the p
 Deviation: `echo_ratio` defaults to 5% of heads (the paper protects 1% echo + 14% induction heads). On
 SmolLM2-135M with 1% echo heads the 6-depth needle of benchmarks/bench_methods.py found 4/6 (and 4-5/6
 with 15-25% induction heads); 5% echo + 14% induction finds 6/6 at 32% held on 1.2k-2k-token prompts.
-Storage order of a folded head: [sinks][compensation][window]. During decode a head folds a block's
-worth of tokens at once (amortized), so it holds at most W + block_size + sink + 1 tokens.
+Storage order of a folded head: [sinks][compensation][window]. During decode a head folds what piled
+up once max(block_size, `slack` x W) tokens are past its window (amortized: a fold costs the same few
+dozen tensor ops whether it folds 16 tokens or 64), so it holds at most W + that + sink + 1 tokens.
 
 Multi-turn: a new turn is appended on top; at its end W is recomputed from the tokens seen so far and
 every non-retrieval head folds the earlier turns' tokens that fell out of the window into the same
@@ -45,6 +46,7 @@ class RazorAttention(Method):
     calib_repeats: int = 4
     calib_seed: int = 2025
     compensation: bool = True
+    slack: float = 0.125
 
     def __post_init__(self):
         self._int("sink", lo=0)
@@ -55,6 +57,7 @@ class RazorAttention(Method):
         self._int("calib_tokens", lo=8)
         self._int("calib_repeats", lo=2)
         self._int("calib_seed", lo=0)
+        self._float("slack", lo=0.0, hi=1.0)
         if not isinstance(self.compensation, bool):
             raise self._err("compensation", "must be true or false", self.compensation)
         self._window: dict[int, int] = {}  # slot -> W
@@ -86,6 +89,7 @@ class RazorAttention(Method):
         for layer, hs in enumerate(self.heads):
             self._retrieval[layer, hs] = True
         self._folding = [not bool(self._retrieval[l].all()) for l in range(desc.n_layers)]
+        self._is_retrieval = self._retrieval.tolist()  # [layer][head], read every decode step
 
     def needs_bias(self) -> bool:
         return self.compensation
@@ -107,11 +111,11 @@ class RazorAttention(Method):
 
     def after_prefill(self, store, slot: int) -> None:
         self._window[slot] = max(self.recent, int(self.window_ratio * store.seen[slot]))
-        self._fold_all(store, [slot], slack=0)
+        self._fold_all(store, [slot], decode=False)
 
     def after_decode(self, store, slots) -> None:
-        # A head folds once a block's worth has piled up past its window: one compaction per block.
-        self._fold_all(store, slots, slack=store.block_size)
+        # A head folds once `slack` has piled up past its window: one compaction for all of it.
+        self._fold_all(store, slots, decode=True)
 
     def on_compact(self, layer, slot, keep, before) -> None:
         comps = self._comp.get(slot)
@@ -128,16 +132,17 @@ class RazorAttention(Method):
         for d in (self._window, self._count, self._comp):
             d.pop(slot, None)
 
-    def _fold_all(self, store, slots, slack: int) -> None:
+    def _fold_all(self, store, slots, decode: bool) -> None:
         for layer in store.owned_layers():
             if not self._folding[layer]:
                 continue
+            retrieval = self._is_retrieval[layer]
             for slot in slots:
-                if slot not in self._window:
+                W = self._window.get(slot)
+                if W is None:
                     continue
-                limit = self.sink + 1 + self._window[slot] + slack
-                lens = store.lengths(layer, slot)
-                if any(n > limit and not self._retrieval[layer, h] for h, n in enumerate(lens)):
+                limit = self.sink + 1 + W + (max(store.block_size, int(self.slack * W)) if decode else 0)
+                if any(n > limit and not r for n, r in zip(store.lengths(layer, slot), retrieval)):
                     self._fold(store, slot, layer)
 
     def _fold(self, store, slot: int, layer: int) -> None:
@@ -145,35 +150,45 @@ class RazorAttention(Method):
         Storage order of a folded head: [sinks][compensation][window]."""
         W, count, comps = self._window[slot], self._count[slot][layer], self._comp[slot][layer]
         lens = list(store.lengths(layer, slot))
-        keeps, new = [], {}
+        keeps, folds = [], []  # folds: (head, its comp token or -1, first dropped index, tokens dropped)
         for h, n in enumerate(lens):
             c = comps[h]
             base = c + 1 if c >= 0 else min(self.sink, n)  # first token that is neither sink nor compensation
             drop = n - W - base
-            if self._retrieval[layer, h] or drop <= 0:
+            if self._is_retrieval[layer][h] or drop <= 0:
                 keeps.append(torch.arange(n))
                 continue
             if not self.compensation:  # sinks and the window only: the dropped tokens are gone
                 keeps.append(torch.cat([torch.arange(base), torch.arange(n - W, n)]))
                 continue
-            new[h] = self._compensation(store, layer, slot, h, c, base, drop, float(count[h]))
-            count[h] += drop
+            folds.append((h, c, base, drop))
             head = base if c >= 0 else base + 1  # the comp token, or the first dropped token as its placeholder
             keeps.append(torch.cat([torch.arange(head), torch.arange(n - W, n)]))
+        new = self._compensation(store, layer, slot, folds, count) if folds else None
+        for h, _, _, drop in folds:
+            count[h] += drop
         store.compact(layer, slot, keeps)
-        for h, tokens in new.items():  # the compensation token sits right after the sinks
-            comps[h] = int(keeps[h].numel() - min(W, lens[h]) - 1)
-            store.write(layer, slot, h, torch.tensor([comps[h]]), tokens)
+        if folds:  # each compensation token sits right after its head's sinks; all heads in one write
+            heads = [h for h, *_ in folds]
+            for h in heads:
+                comps[h] = int(keeps[h].numel() - min(W, lens[h]) - 1)
+            store.write_many(layer, slot, torch.tensor(heads), torch.tensor([comps[h] for h in heads]), new)
 
-    def _compensation(self, store, layer, slot, h, c, base, drop, n_old: float) -> Tokens:
-        """The compensation token after folding `drop` tokens from `base` on into the one at `c` (if any)."""
-        k, v, pos, _ = store.read(layer, slot, h, torch.arange(base, base + drop))
-        k_sum, v_sum = k.float().sum(0), v.float().sum(0)
-        if c >= 0 and n_old > 0:  # running mean: the old token stands for n_old dropped tokens
-            k_old, v_old, _, _ = store.read(layer, slot, h, torch.tensor([c]))
-            k_sum, v_sum = k_sum + n_old * k_old[0].float(), v_sum + n_old * v_old[0].float()
-            n = n_old + drop
-        else:
-            n = float(drop)
-        bias = torch.tensor([math.log(n)], dtype=torch.float32)
-        return Tokens((k_sum / n).view(1, -1).to(k.dtype), (v_sum / n).view(1, -1).to(v.dtype), pos[-1:], bias)
+    def _compensation(self, store, layer, slot, folds, count) -> Tokens:
+        """The compensation token of each fold (head h, comp token c or -1, base, drop) after folding
+        `drop` tokens from `base` on into the one at `c` (a running mean: the old token stands for the
+        count[h] tokens folded before). All folds' tokens come in one read; -> Tokens (folds, ...)."""
+        heads, idx, seg, wt, n = [], [], [], [], []
+        for i, (h, c, base, drop) in enumerate(folds):
+            n_old = float(count[h]) if c >= 0 else 0.0
+            rows = [c] if n_old > 0 else []
+            heads += [h] * (len(rows) + drop)
+            idx += rows + list(range(base, base + drop))
+            seg += [i] * (len(rows) + drop)
+            wt += [n_old] * len(rows) + [1.0] * drop
+            n.append(n_old + drop)
+        t = store.read_many(layer, slot, torch.tensor(heads), torch.tensor(idx))
+        seg_t, wt_t, n_t = torch.tensor(seg), torch.tensor(wt).unsqueeze(1), torch.tensor(n).unsqueeze(1)
+        k, v = (torch.zeros(len(folds), x.shape[1]).index_add_(0, seg_t, x.float() * wt_t) / n_t for x in (t.k, t.v))
+        last = torch.tensor(seg[1:] + [len(folds)]) != seg_t  # each fold's last row: its newest dropped token
+        return Tokens(k.to(t.k.dtype), v.to(t.v.dtype), t.pos[last], torch.log(n_t.view(-1)).float())

@@ -44,7 +44,7 @@ _SIGNATURES = {
     "kv_fast_linear": ([ctypes.c_int], ctypes.c_int),
     "kv_linear": ([_P, _P, _P, _P, _I, _I, _I, ctypes.c_int], None),
     "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
-    "kv_decode_attention": ([_P, _I] + [_P] * 8 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
+    "kv_decode_attention": ([_P, _I] + [_P] * 9 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
 }
 _why_not = ""
 _warned = False
@@ -272,11 +272,11 @@ def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=N
     splits = max(1, min(64, -(-4 * torch.get_num_threads() // (B * Hkv)), max_len // 64))
     out = torch.empty(B, Hq, D, dtype=q.dtype)
     probs = torch.empty(B, Hq, T, dtype=torch.float32)
+    colsum = torch.empty(B, Hkv, T, dtype=torch.float32) if return_colsum else None  # summed by the kernel
     part = torch.empty(B * Hkv * splits * (Hq // Hkv) * (D + 2), dtype=torch.float32)
     _lib().kv_decode_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), block_table.data_ptr(),
                                None if lengths is None else lengths.data_ptr(), None if bias_pool is None else bias_pool.data_ptr(),
-                               out.data_ptr(), probs.data_ptr(), part.data_ptr(), B, Hq, Hkv, D, bs, MB, n_blocks,
-                               max_len, splits, int(return_colsum), scale, _DTYPES[q.dtype])
-    if return_colsum:
-        return out, probs.view(B, Hkv, Hq // Hkv, T).sum(dim=2)
-    return out
+                               out.data_ptr(), probs.data_ptr(), None if colsum is None else colsum.data_ptr(),
+                               part.data_ptr(), B, Hq, Hkv, D, bs, MB, n_blocks, max_len, splits, int(return_colsum),
+                               scale, _DTYPES[q.dtype])
+    return (out, colsum) if return_colsum else out

@@ -71,9 +71,12 @@ def run_needles(lm, name, prompts) -> dict:
     return {"found": found, "held": max(ratios), "prefill_s": sum(times) / len(times)}
 
 
-def forced_decode(lm, name: str, ids: list[int], steps: int, every: int = 64) -> list[tuple[int, int, int]]:
-    """Held and full bytes every `every` steps of greedy decode with EOS ignored."""
+def forced_decode(lm, name: str, ids: list[int], steps: int, every: int = 64, engines=None) -> list[tuple[int, int, int]]:
+    """Held and full bytes every `every` steps of greedy decode with EOS ignored (the engine is appended
+    to `engines` when given)."""
     eng = Engine(lm, profile(name))
+    if engines is not None:
+        engines.append(eng)
     seq = eng.start(Request("d", ids, SamplingParams(max_new_tokens=1)))
     marks = [(0, eng.usage(0).held, eng.usage(0).full)]
     tok = int(seq.out[-1]) if seq.out else lm.tokenizer.eos_token_id

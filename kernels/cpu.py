@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_attention.c"]  # one library; both include cpu_common.h
+_SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_linear.c", _DIR / "cpu_attention.c"]  # one library; all include cpu_common.h
 _HEADERS = [_DIR / "cpu_common.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -43,6 +43,7 @@ _SIGNATURES = {
     "kv_silu_mul": ([_P, _P, _I, _I, ctypes.c_int], None),
     "kv_fast_linear": ([ctypes.c_int], ctypes.c_int),
     "kv_linear": ([_P, _P, _P, _P, _I, _I, _I, ctypes.c_int], None),
+    "kv_set_amx": ([ctypes.c_int], ctypes.c_int),
     "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
     "kv_decode_attention": ([_P, _I] + [_P] * 9 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
 }
@@ -111,6 +112,7 @@ def _lib():
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
+    lib.kv_set_amx(int(os.environ.get("KVCHAT_AMX", "1") != "0"))
     return lib
 
 
@@ -139,7 +141,9 @@ def status() -> str:
     """One line for `kvchat info` and the benchmarks: which path the CPU decode ops take, and why."""
     if not available():
         return f"torch ({_why_not})"
-    return "native (kernels/cpu_ops.c, cpu_attention.c)" if enabled() else "torch (KVCHAT_NATIVE=0)"
+    if not enabled():
+        return "torch (KVCHAT_NATIVE=0)"
+    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -161,6 +165,17 @@ LINEAR_ROWS = 16  # `linear` takes up to this many rows (a decode step's batch);
 def linear_ok(dtype: torch.dtype) -> bool:
     """This CPU runs `linear` in `dtype` with vector instructions (AVX-512; AVX512-BF16 for bfloat16)."""
     return available() and dtype in _DTYPES and bool(_lib().kv_fast_linear(_DTYPES[dtype]))
+
+
+def amx() -> bool:
+    """bfloat16 `linear` runs on AMX tiles (cpu_linear.c): compiled for this CPU, the tile state granted by
+    Linux, and not turned off by KVCHAT_AMX=0 or `set_amx(False)`."""
+    return available() and bool(_lib().kv_set_amx(-1))
+
+
+def set_amx(on: bool) -> bool:
+    """Turn the AMX path on or off (tests run both paths); -> whether it is on now."""
+    return available() and bool(_lib().kv_set_amx(int(on)))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,8 +2,8 @@
  *
  * A decode step at batch 1 spends as long outside its matmuls as in them: ~1,800 eager ATen ops,
  * each a few microseconds of dispatch for a few hundred bytes of work. These functions do a layer's
- * elementwise work (RMSNorm with its residual add, RoPE, SiLU-and-multiply), its matmuls for a step's
- * few rows and the append's row copies in one call each (its attention: cpu_attention.c), on raw
+ * elementwise work (RMSNorm with its residual add, RoPE, SiLU-and-multiply) and the append's row copies
+ * in one call each (its matmuls: cpu_linear.c; its attention: cpu_attention.c), on raw
  * pointers, with OpenMP over rows (torch's own libgomp: the thread count torch.set_num_threads gives
  * is the one used here).
  *
@@ -120,118 +120,4 @@ void kv_scatter_rows(char *dst, const char *src, int64_t sb, int64_t sh, int64_t
                      int64_t row_bytes) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) memcpy(dst + rows[b * H + h] * row_bytes, src + b * sb + h * sh, (size_t)row_bytes);
-}
-
-/* ---- decode matmuls: y (M, N) = x (M, K) @ w (N, K)^T + bias, for the few rows of a decode step ------
- * A decode step reads every weight once for one to eight rows: the matmul is a memory stream. Each
- * thread takes a contiguous range of weight rows and walks it in address order (one linear stream, which
- * the hardware prefetcher follows; oneDNN's blocked GEMV reached ~15 GB/s here, this ~25), computing the
- * M (<= 16) dot products of a row while it is in registers. Float32 accumulation; bf16 products by AVX512-BF16's
- * dot instruction (exact products, float32 sums, as oneDNN's bf16 GEMM). */
-
-int kv_fast_linear(int dt) {
-#if defined(__AVX512BF16__)
-    return 1;
-#elif defined(__AVX512F__)
-    return dt == 0;
-#else
-    (void)dt;
-    return 0;
-#endif
-}
-
-#if defined(__AVX512F__)
-static inline __attribute__((always_inline)) void linear_rows_f32(const float *x, const float *w, const float *bias,
-                                                                  float *y, const int64_t M, int64_t N, int64_t K,
-                                                                  int64_t n0, int64_t n1) {
-    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
-    for (int64_t n = n0; n < n1; n++) {
-        const float *wr = w + n * K;
-        __m512 acc[16];
-        for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m512 wv = _mm512_loadu_ps(wr + k);
-            for (int64_t m = 0; m < M; m++) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), wv, acc[m]);
-        }
-        if (tail) {
-            __m512 wv = _mm512_maskz_loadu_ps(tail, wr + k);
-            for (int64_t m = 0; m < M; m++)
-                acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + m * K + k), wv, acc[m]);
-        }
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + (bias ? bias[n] : 0.f);
-    }
-}
-#endif
-
-#if defined(__AVX512BF16__)
-static inline __attribute__((always_inline)) void linear_rows_bf16(const bf16 *x, const bf16 *w, const bf16 *bias,
-                                                                   bf16 *y, const int64_t M, int64_t N, int64_t K,
-                                                                   int64_t n0, int64_t n1) {
-    __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1ull);
-    for (int64_t n = n0; n < n1; n++) {
-        const bf16 *wr = w + n * K;
-        __m512 acc[16];
-        for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 32 <= K; k += 32) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
-            for (int64_t m = 0; m < M; m++)
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv);
-        }
-        if (tail) {
-            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + k);
-            for (int64_t m = 0; m < M; m++)
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k), wv);
-        }
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = f2bf(_mm512_reduce_add_ps(acc[m]) + (bias ? bf2f(bias[n]) : 0.f));
-    }
-}
-#endif
-
-#ifdef _OPENMP
-extern int omp_get_num_threads(void), omp_get_thread_num(void);
-#else
-static int omp_get_num_threads(void) { return 1; }
-static int omp_get_thread_num(void) { return 0; }
-#endif
-
-/* The calling thread's share of y = x w^T + bias inside a parallel region (or all of it outside one). */
-static void linear_share(const void *x, const void *w, const void *bias, void *y, int64_t M, int64_t N, int64_t K,
-                         int dt) {
-    int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt;
-#define KV_ROWS(fn, T, m) fn((const T *)x, (const T *)w, (const T *)bias, (T *)y, m, N, K, n0, n1)
-#if defined(__AVX512BF16__)
-    if (dt == 1) {
-        switch (M) {
-        case 1: KV_ROWS(linear_rows_bf16, bf16, 1); break;
-        case 2: KV_ROWS(linear_rows_bf16, bf16, 2); break;
-        case 3: KV_ROWS(linear_rows_bf16, bf16, 3); break;
-        case 4: KV_ROWS(linear_rows_bf16, bf16, 4); break;
-        case 8: KV_ROWS(linear_rows_bf16, bf16, 8); break;
-        default: KV_ROWS(linear_rows_bf16, bf16, M); break;
-        }
-    }
-#endif
-#if defined(__AVX512F__)
-    if (dt == 0) {
-        switch (M) {
-        case 1: KV_ROWS(linear_rows_f32, float, 1); break;
-        case 2: KV_ROWS(linear_rows_f32, float, 2); break;
-        case 3: KV_ROWS(linear_rows_f32, float, 3); break;
-        case 4: KV_ROWS(linear_rows_f32, float, 4); break;
-        case 8: KV_ROWS(linear_rows_f32, float, 8); break;
-        default: KV_ROWS(linear_rows_f32, float, M); break;
-        }
-    }
-#endif
-#undef KV_ROWS
-    (void)n0, (void)n1;
-}
-
-/* M <= 16 rows (the caller checks, and checks kv_fast_linear(dt)); x, w, y contiguous. */
-void kv_linear(const void *x, const void *w, const void *bias, void *y, int64_t M, int64_t N, int64_t K, int dt) {
-#pragma omp parallel
-    linear_share(x, w, bias, y, M, N, K, dt);
 }

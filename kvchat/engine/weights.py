@@ -3,10 +3,12 @@
 Q/K/V and gate/up are fused into one matmul each (fewer, larger ops). On the CPU the layout follows
 the dtype:
 - "native", where kernels/cpu.py is built and this CPU has AVX-512 (AVX512-BF16 for bfloat16): plain
-  row-major weights; a decode step's few rows run kernels/cpu_ops.c's streaming matmul, which walks
-  each thread's weight rows in address order. Measured on this project's 2-core EPYC (the model's 30
-  layers and head, one row, bfloat16): 10.5 ms vs 18.0 ms for oneDNN's packed GEMV below, results
-  equal but for float32 summation order. Prefill chunks (more rows) go to F.linear.
+  row-major weights; a decode step's few rows run kernels/cpu_linear.c's streaming matmul, which walks
+  each thread's weight rows in address order (on AMX CPUs, bfloat16 by tiles of 16 weight rows read in
+  place). Measured on this project's 2-core EPYC (the model's 30 layers and head, one row, bfloat16):
+  10.5 ms vs 18.0 ms for oneDNN's packed GEMV below, results equal but for float32 summation order; on
+  a 2-core Sapphire Rapids, four rows, 12 ms on AMX tiles against 21-28 by vectors and ~37 for
+  F.linear. Prefill chunks (more rows) go to F.linear.
 - bfloat16 on a CPU that computes it (AVX512-BF16/AMX): every projection is packed once into oneDNN's
   blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does) and
   run by `_linear_pointwise`. Measured on this project's 2-core EPYC (30 layers and the head, weights

@@ -121,8 +121,7 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _SlotState:
     budgets: list = field(default_factory=list)  # per layer: tokens kept, None = uncompressed
-    scores: list = field(default_factory=list)  # per layer: (H_kv, N) accumulated attention, 0 past a head's length
-    n: list = field(default_factory=list)  # per layer: tokens scored per head (follows the store's lengths)
+    n: list = field(default_factory=list)  # per layer: tokens scored per head (follows the store's lengths), None = not scored
     sigma: list = field(default_factory=list)  # per layer density of the last prefill chunk
     tau: list = field(default_factory=list)  # per layer merge threshold, None until the first eviction
 
@@ -158,6 +157,9 @@ class D2O(Method):
         if self.heads not in ("kv", "layer"):
             raise self._err("heads", "must be kv or layer", self.heads)
         self._slots: dict[int, _SlotState] = {}
+        # Per layer, every slot's accumulated attention in one buffer (n_slots, H_kv, cap), 0 past each head's
+        # length: a decode step adds the step's column sums for all its slots in one op.
+        self._scores: dict[int, torch.Tensor] = {}
 
     @classmethod
     def keep_all(cls) -> "D2O":
@@ -173,7 +175,7 @@ class D2O(Method):
     def after_prefill_layer(self, ctx: PrefillCtx):
         L = self.desc.n_layers
         if ctx.layer == 0 and (not any(ctx.chunk_start) or ctx.slot not in self._slots):
-            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [None] * L, [0.0] * L, [None] * L)
+            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [0.0] * L, [None] * L)
         state = self._slots[ctx.slot]
         lens = list(ctx.store.lengths(ctx.layer, ctx.slot))
         n = max(lens)
@@ -183,9 +185,22 @@ class D2O(Method):
             return None
         G = self.desc.n_heads // self.desc.n_kv_heads
         # Re-scored by this chunk's last queries: earlier turns compete with the new one on equal terms.
-        state.scores[ctx.layer] = rows[:, :, :n].sum(1).view(-1, G, n).sum(1).float()  # (H_kv, n)
+        row = self._row(ctx.layer, ctx.slot, n, ctx.store.n_slots)
+        row.zero_()[:, :n] = rows[:, :, :n].sum(1).view(-1, G, n).sum(1).float()  # (H_kv, n)
         state.n[ctx.layer] = lens
         return None
+
+    def _row(self, layer: int, slot: int, top: int, n_slots: int | None = None) -> torch.Tensor:
+        """(H_kv, cap) scores of (layer, slot), the layer's buffer grown to hold `top` tokens first (room
+        for an eighth more, at least 32, so growth is rare)."""
+        buf = self._scores.get(layer)
+        if buf is None or top > buf.shape[2]:
+            cap = top + max(32, top // 8)
+            new = torch.zeros(n_slots or buf.shape[0], self.desc.n_kv_heads, cap)
+            if buf is not None:
+                new[:, :, : buf.shape[2]] = buf
+            self._scores[layer] = buf = new
+        return buf[slot]
 
     def after_prefill(self, store, slot: int) -> None:
         state = self._slots[slot]
@@ -193,7 +208,7 @@ class D2O(Method):
                                       self.dynamic)
         for layer, budget in enumerate(state.budgets):
             if budget is None:  # never compressed: no scores to keep up to date
-                state.scores[layer] = state.n[layer] = None
+                state.n[layer] = None
             elif store.owns(layer):
                 self._evict(store, slot, layer, state, budget)
 
@@ -206,20 +221,27 @@ class D2O(Method):
             state = self._slots.get(slot)
             if state is not None and state.n[layer] is not None:
                 state.n[layer] = [k + n for k in state.n[layer]]
-                top, buf = max(state.n[layer]), state.scores[layer]
-                if top > buf.shape[1]:  # new tokens start at 0; room for a block's worth more at once
-                    state.scores[layer] = F.pad(buf, (0, top + max(32, top // 8) - buf.shape[1]))
+                self._row(layer, slot, max(state.n[layer]))  # new tokens start at 0
 
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):
             return
-        layer = ctx.layer
-        for b, slot in enumerate(ctx.slots):
-            state = self._slots.get(slot)
-            if state is None or state.budgets[layer] is None:
-                continue
+        layer, slots = ctx.layer, ctx.slots
+        scored = [s for s in slots if s in self._slots and self._slots[s].n[layer] is not None]
+        if not scored:
+            return
+        # Every slot's column sums at once; past each head's length both sides are 0, so rows of slots
+        # that keep no scores for this layer only gain zeros they never read.
+        buf = self._scores[layer]
+        T = min(buf.shape[2], ctx.colsum.shape[2])
+        s0 = slots[0]
+        if slots == list(range(s0, s0 + len(slots))):
+            buf[s0 : s0 + len(slots), :, :T] += ctx.colsum[:, :, :T]
+        else:
+            buf[:, :, :T].index_add_(0, torch.tensor(slots), ctx.colsum[:, :, :T])
+        for slot in scored:
+            state = self._slots[slot]
             n = max(state.n[layer])
-            state.scores[layer][:, :n] += ctx.colsum[b, :, :n]  # in place: the buffer is 0 past each head
             # Amortized: let `slack` pile up, then evict it in one compaction.
             budget = state.budgets[layer]
             if n >= budget + max(ctx.store.block_size, int(self.slack * budget)):
@@ -228,18 +250,18 @@ class D2O(Method):
     # ---- per-token state follows every compaction --------------------------------------------------
     def on_compact(self, layer, slot, keep, before) -> None:
         state = self._slots.get(slot)
-        if state is None or state.scores[layer] is None:
+        if state is None or state.n[layer] is None:
             return
-        old, sizes = state.scores[layer], [int(k.numel()) for k in keep]
+        row, sizes = self._row(layer, slot, 0), [int(k.numel()) for k in keep]
         top = max(sizes)
-        new = old.new_zeros(old.shape[0], top + max(32, top // 8))  # 0 past each head; room to grow
         if min(sizes) == top:
-            new[:, :top] = old.gather(1, torch.stack(keep))
+            kept = row.gather(1, torch.stack(keep))
         else:
+            kept = torch.zeros(row.shape[0], top)
             for h, idx in enumerate(keep):
-                new[h, : idx.numel()] = old[h, idx]
-        state.scores[layer] = new
-        state.n[layer] = [int(k.numel()) for k in keep]
+                kept[h, : idx.numel()] = row[h, idx]
+        row.zero_()[:, :top] = kept  # 0 past each head
+        state.n[layer] = sizes
 
     def on_free(self, slot: int) -> None:
         self._slots.pop(slot, None)
@@ -278,7 +300,7 @@ class D2O(Method):
             same = bool((both.pos == both.pos[:1]).all())
         else:
             same = self.heads == "layer" and same_tokens(store, layer, slot)
-        keeps = self._keeps(state.scores[layer], lens, budget, same)
+        keeps = self._keeps(self._row(layer, slot, 0), lens, budget, same)
         if not self.merge:
             store.compact(layer, slot, keeps)
             return

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import kvchat
 from kvchat.batch import run_batch
 from kvchat.calibration import cache
 from kvchat.cli import main
@@ -44,10 +43,8 @@ def mixed_rows(n: int = 40) -> list[str]:
 
 
 def spawn(args, **kw):
-    env = dict(os.environ)
-    root = str(Path(kvchat.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return subprocess.Popen([sys.executable, "-m", "kvchat.cli", "batch", *args], env=env,
+    # kvchat is installed; the repository root stays off the path (conftest.py: PYTHONSAFEPATH)
+    return subprocess.Popen([sys.executable, "-m", "kvchat.cli", "batch", *args], env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 

@@ -73,9 +73,8 @@ def test_refused_resume_leaves_both_files_byte_identical(tmp_path, monkeypatch, 
 
 # ---- 2. /load checks a transcript before it replaces the conversation ----------------------------------
 def _spawn_repl(args, text: str, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "kvchat.cli", "-i", *args], input=text, capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=dict(os.environ), timeout=timeout)
 
 
 @pytest.mark.model

@@ -167,7 +167,10 @@ class PagedPools:
             rows.extend(blocks[h][n // bs] * bs + n % bs for h, n in enumerate(lens))
             for h in range(self.n_heads):
                 lens[h] += 1
-        self._stale = True
+        if self._stale or self._lengths.device.type != "cpu":
+            self._stale = True
+        else:  # the lengths tensor follows in place: a ragged layer's step reads it without a rebuild
+            self._lengths.numpy()[slots] += 1
         if self.native and all(cpu.scatter_ok(pool, values[n]) for n, pool in self.pools.items()):
             flat = cpu.rows_array(rows)  # one memcpy per row, no tensor ops (kernels/cpu.py)
             for name, pool in self.pools.items():
@@ -186,13 +189,16 @@ class PagedPools:
     def step_tables(self, slots: list[int], slots_t: torch.Tensor):
         """A decode step's view of the tables: (block table rows (B, H, MB), lengths (B, H) or None
         when every head holds the same number of tokens and the CPU reference needs no mask, longest
-        head, shortest head), all from the host bookkeeping. Consecutive slots are a view, not a copy."""
+        head, shortest head), all from the host bookkeeping. Consecutive slots are views, not copies (read
+        them before the next append: the lengths tensor is updated in place)."""
         lens = [n for s in slots for n in self.host[s]]
         mx, mn = max(lens), min(lens)
         s0, B = slots[0], len(slots)
-        table = self.table[s0 : s0 + B] if slots == list(range(s0, s0 + B)) else self.table[slots_t]
-        lengths = None if (mx == mn and self.impl != "triton") else self.lengths[slots_t]
-        return table, lengths, mx, mn
+        run = slots == list(range(s0, s0 + B))
+        table = self.table[s0 : s0 + B] if run else self.table[slots_t]
+        if mx == mn and self.impl != "triton":
+            return table, None, mx, mn
+        return table, self.lengths[s0 : s0 + B] if run else self.lengths[slots_t], mx, mn
 
     def locate(self, slot: int, head: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage order indices of one (slot, head) -> (block ids, offsets)."""

@@ -33,9 +33,8 @@ setup: $(STAMP)
 chat: $(STAMP)
 	$(VENV)/bin/kvchat --profile $(PROFILE)
 
-# PYTHONSAFEPATH: the working directory stays off sys.path (its kernels/ would shadow HF's `kernels`)
 test: $(STAMP) $(RAY_STAMP)
-	PYTHONSAFEPATH=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py

@@ -1,6 +1,13 @@
 """kvchat: chat and batch generation with a compressed KV cache."""
 
 import os
+import sys
+
+# A source checkout's kernels/ is installed as `kvchat_kernels`. With the checkout's root on sys.path
+# (`python -m ...` run there, Ray workers started from there) it would shadow Hugging Face's `kernels`
+# package, which transformers 5 imports while loading a model ("cannot import name 'CUDAProperties'
+# from 'kernels'"): that root comes off the path. Only a directory holding our kernels/cpu_ops.c.
+sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "kernels", "cpu_ops.c"))]
 
 # OpenMP threads that finish a parallel region spin a little (~10 us) before sleeping: long enough to
 # bridge the Python between a decode step's ops (with 1,000 spins the second thread slept between

@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
-# The repository's root must not be on sys.path: its kernels/ (installed as kvchat_kernels) would shadow
-# Hugging Face's `kernels` package, which transformers 5 depends on and imports while loading a model
-# ("cannot import name 'CUDAProperties' from 'kernels'"). `python -m pytest` puts the working directory
-# there; so would `python -m kvchat.cli` in the tests' subprocesses without PYTHONSAFEPATH.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-os.environ["PYTHONSAFEPATH"] = "1"
 
-import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
+import kvchat  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, takes the checkout off sys.path)
 import pytest
 import torch
 

@@ -133,7 +133,6 @@ def test_max_kv_bytes_admits_more_requests_when_compressed(embedded, tmp_path):
 
 # ---- interrupted runs ----------------------------------------------------------------------------------
 def _spawn(args, **kw):
-    # kvchat is installed; the repository root stays off the path (conftest.py: PYTHONSAFEPATH)
     return subprocess.Popen([sys.executable, "-m", "kvchat.cli", "batch", *args], env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 

@@ -43,7 +43,6 @@ def mixed_rows(n: int = 40) -> list[str]:
 
 
 def spawn(args, **kw):
-    # kvchat is installed; the repository root stays off the path (conftest.py: PYTHONSAFEPATH)
     return subprocess.Popen([sys.executable, "-m", "kvchat.cli", "batch", *args], env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 

@@ -255,6 +255,40 @@ def test_d2o_slack_evicts_less_often_and_stays_within_it(tiny, monkeypatch):
         D2O(slack=1.5)
 
 
+@pytest.mark.parametrize("live", [[0, 1, 2], [0, 2]], ids=["consecutive", "gap"])
+def test_d2o_adds_each_steps_column_sums_to_its_own_slots(tiny, live):
+    """Every slot's scores sit in one buffer per layer and a step adds all its slots' column sums at once
+    (a slice when the step's slots are consecutive, index_add otherwise): each live slot's row gains
+    exactly its own column sums, a slot not in the step gains nothing, and past a head's length stays 0."""
+    eng = Engine(tiny, Profile("t", methods=[D2O.keep_all()]), max_slots=3)  # scored every step, never evicted
+    m = eng.methods[0]
+    seqs = [eng.start(Request(str(i), prompt(40 + 7 * i, seed=i), SamplingParams(max_new_tokens=50))) for i in range(3)]
+    checked, orig = [], m.after_decode_layer
+
+    def spy(ctx):
+        before = m._scores[ctx.layer].clone() if ctx.layer in m._scores else None
+        orig(ctx)
+        if before is None or ctx.colsum is None:
+            return
+        after = m._scores[ctx.layer]
+        for s in range(3):
+            gain = after[s] - before[s]
+            if s not in ctx.slots:
+                assert torch.equal(gain, torch.zeros_like(gain)), (ctx.layer, s)
+                continue
+            n = max(m._slots[s].n[ctx.layer])
+            b = ctx.slots.index(s)
+            torch.testing.assert_close(gain[:, :n], ctx.colsum[b, :, :n])
+            assert torch.equal(after[s][:, n:], torch.zeros_like(after[s][:, n:]))
+            checked.append((ctx.layer, s))
+
+    m.after_decode_layer = spy
+    for _ in range(4):
+        eng.step([seqs[i] for i in live])
+    scored = [l for l in range(tiny.desc.n_layers) if m._slots[0].n[l] is not None]
+    assert scored and sorted(set(checked)) == sorted((l, s) for l in scored for s in live)
+
+
 def test_razor_heads_window_and_compensation(tiny, home):
     from kvchat.methods.razor import RazorAttention
 

@@ -22,7 +22,8 @@ KV cache besides) over the memory read rate measured here with the same threads:
 these weights can beat it.
 `--profiles full,razor,d2o` adds rows per profile (ratios against `full` at the same length/batch);
 `--torch-path` a row `torch`: `full` on kvchat's torch decode path (KVCHAT_NATIVE=0, without the
-native CPU ops of kernels/cpu.py) on its own copy of the model.
+native CPU ops of kernels/cpu.py) on its own copy of the model; `--vectors` a row `vectors`: `full` with
+the bfloat16 matmuls on AVX512-BF16 vectors instead of AMX tiles (on a CPU that has AMX).
 """
 
 from __future__ import annotations
@@ -115,10 +116,14 @@ def torch_path(on: bool):
             os.environ.pop("KVCHAT_NATIVE") if old is None else os.environ.__setitem__("KVCHAT_NATIVE", old)
 
 
-def bench_kvchat(lm, profile, batch_ids, new: int, torch_only: bool = False) -> tuple[float, float, float]:
+def bench_kvchat(lm, profile, batch_ids, new: int, torch_only: bool = False,
+                 vectors: bool = False) -> tuple[float, float, float]:
     """-> (prefill s, mean decode step s, KV held / full at the end)."""
     with torch_path(torch_only):
         eng = Engine(lm, profile, max_slots=len(batch_ids))
+    amx = cpu.amx()
+    if vectors:
+        cpu.set_amx(False)
     eos = lm.eos_ids
     lm.eos_ids = frozenset()  # generate exactly `new` tokens, as HF does with min_new_tokens
     try:
@@ -133,6 +138,7 @@ def bench_kvchat(lm, profile, batch_ids, new: int, torch_only: bool = False) -> 
         held = sum(eng.usage(s.slot).held for s in seqs) / sum(eng.usage(s.slot).full for s in seqs)
     finally:
         lm.eos_ids = eos
+        cpu.set_amx(amx)
     return prefill, sum(steps) / len(steps), held
 
 
@@ -180,6 +186,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--torch-path", action="store_true",
                     help="also run `full` on kvchat's torch decode path (KVCHAT_NATIVE=0), as the row 'torch'")
+    ap.add_argument("--vectors", action="store_true",
+                    help="also run `full` with bfloat16 matmuls on vectors, not AMX tiles, as the row 'vectors'")
     ap.add_argument("--llama-python", help="a Python with llama_cpp installed (see above); 'none' skips it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -192,6 +200,9 @@ def main():
     torch_lm = load_model(device="cpu", dtype=a.dtype) if a.torch_path else None
     if torch_lm is not None:
         names.append("torch")
+    vectors = a.vectors and cpu.amx()
+    if vectors:
+        names.append("vectors")
     warm = prompts(lm.tokenizer, 64, 1)
     for p in profiles.values():
         bench_kvchat(lm, p, warm, 4)
@@ -226,6 +237,8 @@ def main():
                     got[name].append(bench_kvchat(lm, p, ids, a.new))
                 if torch_lm is not None:
                     got["torch"].append(bench_kvchat(torch_lm, load_profile("full"), ids, a.new, torch_only=True))
+                if vectors:
+                    got["vectors"].append(bench_kvchat(lm, load_profile("full"), ids, a.new, vectors=True))
             med = {k: [statistics.median(x[i] for x in v) for i in range(len(v[0]))] for k, v in got.items() if v}
             hf_pre, hf_tps = (med["hf"][0], b / med["hf"][1]) if "hf" in med else (float("nan"), float("nan"))
             ll_tps = 1 / med["llama"][1] if "llama" in med else float("nan")

@@ -230,8 +230,8 @@ class D2O(Method):
         scored = [s for s in slots if s in self._slots and self._slots[s].n[layer] is not None]
         if not scored:
             return
-        # Every slot's column sums at once; past each head's length both sides are 0, so rows of slots
-        # that keep no scores for this layer only gain zeros they never read.
+        # Every slot's column sums at once (past each head's length both sides are 0). A row of a slot that
+        # keeps no scores for this layer gains sums nobody reads: a prefill zeroes a row before scoring it.
         buf = self._scores[layer]
         T = min(buf.shape[2], ctx.colsum.shape[2])
         s0 = slots[0]

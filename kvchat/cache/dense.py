@@ -28,6 +28,7 @@ class DenseFormat(Format):
             specs["bias"] = ((), torch.float32)
         self.pages = PagedPools(n_slots, n_kv, block_size, specs, device)
         self.host = self.pages.host
+        self.native_layer = self.pages.native and sd == dtype
 
     # ---- pools the kernels read --------------------------------------------------------------------
     @property
@@ -60,6 +61,11 @@ class DenseFormat(Format):
         if self.with_bias:
             vals["bias"] = torch.zeros((), device=self.device).expand(B, self.n_kv)
         self.pages.append_step(slots, slots_t, vals)
+
+    def step_rows(self, slots: list[int]) -> list[int]:
+        """`append_step`'s bookkeeping without the values (kernels/cpu_layer.c writes them): the flat pool
+        row of each (slot, KV head) new token."""
+        return self.pages.step_rows(slots)
 
     def read(self, slot: int, head: int, idx: torch.Tensor | None = None) -> Tokens:
         r = self.pages.read(slot, head, idx)

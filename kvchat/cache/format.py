@@ -54,6 +54,10 @@ class Format:
     # Lengths as Python ints, [slot][head]; subclasses point this at their bookkeeping.
     host: list[list[int]]
 
+    # kernels/cpu_layer.c runs a whole decode layer on this format's store (DenseFormat: CPU pools in the
+    # model's dtype); the others take the per-op path.
+    native_layer = False
+
     def seal(self, slots: list[int]) -> None:
         """Called once a step's policies have run: a format with a full-precision tail seals what is
         old enough now. Policies act before this, so eviction never touches a token twice."""

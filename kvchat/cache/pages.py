@@ -151,12 +151,10 @@ class PagedPools:
             lens[h] += T
         self._stale = True
 
-    def append_step(self, slots: list[int], slots_t: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        """Append one token to every head of each slot. values[name]: (B, n_heads, *trailing) (B and heads
-        may be strided or broadcast), or already flat (B * n_heads, *trailing).
-
-        Where each token goes is host arithmetic on the mirrored table (a decode step's hot path: no
-        tensor ops for the indices); the values go in with one index_copy_ per pool."""
+    def step_rows(self, slots: list[int]) -> list[int]:
+        """A decode step's append without the values: one more token for every head of each slot (blocks
+        taken where a head's last one is full) -> the flat pool row of each (slot, head) new token, slot-
+        major. The caller writes the values to those rows (`append_step`, or kernels/cpu_layer.c)."""
         bs = self.bs
         rows = []
         for s in slots:
@@ -171,6 +169,16 @@ class PagedPools:
             self._stale = True
         else:  # the lengths tensor follows in place: a ragged layer's step reads it without a rebuild
             self._lengths.numpy()[slots] += 1
+        return rows
+
+    def append_step(self, slots: list[int], slots_t: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Append one token to every head of each slot. values[name]: (B, n_heads, *trailing) (B and heads
+        may be strided or broadcast), or already flat (B * n_heads, *trailing).
+
+        Where each token goes is host arithmetic on the mirrored table (a decode step's hot path: no
+        tensor ops for the indices); the values go in with one index_copy_ per pool."""
+        bs = self.bs
+        rows = self.step_rows(slots)
         if self.native and all(cpu.scatter_ok(pool, values[n]) for n, pool in self.pools.items()):
             flat = cpu.rows_array(rows)  # one memcpy per row, no tensor ops (kernels/cpu.py)
             for name, pool in self.pools.items():

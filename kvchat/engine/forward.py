@@ -8,6 +8,8 @@ The weights (fused Q/K/V and gate/up, laid out per dtype) are kvchat/engine/weig
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvchat_kernels import cpu
@@ -63,6 +65,10 @@ class Runner:
         self.group = d.n_heads // d.n_kv_heads
         self.methods = list(methods)
         self.native = self._native_ok(lm)
+        # a whole layer per native call (kernels/cpu_layer.c) where the store allows; KVCHAT_FUSED_LAYER=0 off
+        self.fused = self.native and self._fused_ok() and os.environ.get("KVCHAT_FUSED_LAYER", "1") != "0"
+        self._fused_layers: dict[tuple[int, bool], cpu.DecodeLayer] = {}
+        self._scratch = cpu.Scratch()
         self.stats = {"prefill_tokens": 0, "prefill_layer_tokens": 0, "kv_projections": 0}
 
     def _native_ok(self, lm) -> bool:
@@ -73,6 +79,27 @@ class Runner:
         norms = [self.norm] + [n for lw in self.layers for n in (lw.in_norm, lw.post_norm)]
         return (all(n.fused and n.weight.dtype == lm.desc.dtype and n.weight.is_contiguous() for n in norms)
                 and all(lw.q_norm is None and type(lw.act).__name__ in ("SiLU", "SiLUActivation") for lw in self.layers))
+
+    def _fused_ok(self) -> bool:
+        """Every projection is a native row-major Linear of the model's dtype (weights.py's "native"
+        layout) and the attention shape is one kernels/cpu_layer.c takes."""
+        lins = [lin for lw in self.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        dtype = self.desc.dtype
+        return (all(lin.native and lin.w.dtype == dtype and lin.w.is_contiguous() for lin in lins)
+                and cpu.DecodeLayer.ok(dtype, self.n_q // self.D, self.n_kv // self.D, self.D))
+
+    def _layer_call(self, li: int, owns: bool) -> cpu.DecodeLayer:
+        """Layer li's native call, its weights bound on first use (owns=False: the Q rows only)."""
+        f = self._fused_layers.get((li, owns))
+        if f is None:
+            lw, n = self.layers[li], self.n_q
+            nxt = self.layers[li + 1].in_norm if li + 1 < len(self.layers) else self.norm
+            qkv = lw.qkv
+            w_in, b_in = (qkv.w, qkv.b) if owns else (qkv.w[:n], None if qkv.b is None else qkv.b[:n])
+            f = self._fused_layers[(li, owns)] = cpu.DecodeLayer(
+                w_in, b_in, lw.o.w, lw.o.b, lw.gate_up.w, lw.gate_up.b, lw.down.w, lw.down.b, lw.post_norm.weight,
+                lw.post_norm.eps, nxt.weight, nxt.eps, n // self.D, self.n_kv // self.D, self.D, owns)
+        return f
 
     def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin_s):
         """h (N, hidden) -> q (N, H_q, D), k_pre, k, v (N, H_kv, D); RoPE applied to q and k (k_pre is
@@ -232,7 +259,13 @@ class Runner:
         layers = self.layers
         first = layers[0].in_norm
         x, h = cpu.add_rms_norm(x, None, first.weight, first.eps)
+        fused = self.fused and B <= cpu.LINEAR_ROWS
+        pos32 = positions.to(torch.int32) if fused else None
         for li, lw in enumerate(layers):
+            if fused and store.layers[li].native_layer:
+                self._fused_layer(store, li, slots, slots_t, x, h, cos, sin, pos32)
+                self._after_step_layer(store, li, slots)
+                continue
             if store.owns(li):
                 self.stats["kv_projections"] += B
                 qkv = lw.qkv(h)  # (B, nq + 2 nk)
@@ -247,3 +280,21 @@ class Runner:
             x, h = cpu.add_rms_norm(x, lw.down(cpu.silu_mul(lw.gate_up(h))), nxt.weight, nxt.eps)
             self._after_step_layer(store, li, slots)
         return self.lm_head(h).float()
+
+    def _fused_layer(self, store, li, slots, slots_t, x, h, cos, sin_s, pos32) -> None:
+        """Layer li of `_decode_native` in one native call (x and h updated in place): the store's
+        bookkeeping and the methods' counting first, as `_attend_step` does them, then the call."""
+        fmt, methods, owns = store.layers[li], self.methods, store.owns(li)
+        rows = None
+        if owns:
+            self.stats["kv_projections"] += len(slots)
+            rows = cpu.rows_array(fmt.step_rows(slots))
+            for m in methods:
+                m.on_append(li, slots, 1)
+        want = any(m.decode_colsum(li) for m in methods) if methods else False
+        table, lengths, mx, mn = fmt.pages.step_tables(slots, slots_t)
+        f = self._layer_call(li, owns)
+        work = self._scratch.get("work", f.work_size(len(slots)), x.dtype)
+        colsum = f(x, h, cos, sin_s, work, self._scratch, fmt.k, fmt.v, fmt.pages.pools["pos"], fmt.bias, rows, pos32,
+                   table, lengths, mx, mn, self.scale, want)
+        store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)

@@ -1,5 +1,5 @@
-"""kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_attention.c), built once per machine, called
-through ctypes.
+"""kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c), built
+once per machine into one library, called through ctypes.
 
 A decode step on the CPU spent as long in small ops as in its matmuls (each ATen op a few microseconds
 of dispatch for a few hundred bytes of work), and oneDNN's GEMV streamed the weights at ~15 GB/s of the
@@ -14,6 +14,8 @@ Without a C compiler, or with KVCHAT_NATIVE=0, `enabled()` is False and every ca
 path (the same results to float32 rounding; this is only speed). `status()` says which and why. Each
 function has a torch reference it is tested against (tests/test_kernels_cpu.py): F.linear,
 `add_rms_norm_ref`, kvchat's `rope_rolled`, `silu_mul_ref`, and `paged_decode_attention_ref`.
+cpu_layer.c chains them into a whole decode layer a call (kernels/cpu_layer.py; tested against the
+chain of per-op calls in tests/test_decode_layer.py).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def status() -> str:
         return f"torch ({_why_not})"
     if not enabled():
         return "torch (KVCHAT_NATIVE=0)"
-    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
+    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -302,95 +304,3 @@ def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=N
                                scale, _DTYPES[q.dtype])
     return (out, colsum) if return_colsum else out
 
-
-# ---- a whole decode layer ----------------------------------------------------------------------------
-
-class _Layer(ctypes.Structure):
-    """kernels/cpu_layer.c's `kv_layer`, field for field."""
-    _fields_ = ([(n, _P) for n in ("w_in", "b_in", "w_o", "b_o", "w_gu", "b_gu", "w_down", "b_down", "post_w",
-                                   "next_w")]
-                + [("post_eps", _F), ("next_eps", _F)]
-                + [(n, _I) for n in ("hidden", "n_in", "Hq", "Hkv", "D", "inter")]
-                + [(n, _P) for n in ("k_pool", "v_pool", "pos_pool", "bias_pool", "rows", "positions", "table",
-                                     "lengths")]
-                + [(n, _I) for n in ("bs", "max_blocks", "n_tab", "uniform", "splits")]
-                + [(n, _P) for n in ("probs", "colsum", "part")] + [("scale", _F), ("B", _I)]
-                + [(n, _P) for n in ("cos", "sin_s", "work")] + [("dt", ctypes.c_int32)])
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
-
-
-class Scratch:
-    """Buffers reused across calls, grown (by half again) when a call needs more: a decode step's
-    intermediates without an allocation per layer. Not shared between threads."""
-
-    def __init__(self):
-        self.bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self.bufs[name] = torch.empty(max(n, 1) * 3 // 2 + 64, dtype=dtype)
-        return buf
-
-
-class DecodeLayer:
-    """One decoder layer of a decode step in one native call (kernels/cpu_layer.c): the Q/K/V (or Q only)
-    matmul, RoPE, the append to a dense paged store, attention, the output projection, both residual
-    adds with their RMSNorms and the SiLU-gated MLP. The per-op calls it replaces (`linear`, `rope`,
-    `scatter_rows`, `decode_attention`, `add_rms_norm`, `silu_mul`) run in the same order on the same
-    values, so its results are theirs bit for bit.
-
-    Weights (row-major, contiguous, the model's dtype) are bound once; `w_in` is the fused Q/K/V rows, or
-    the Q rows alone for a layer that reads another layer's store (`owns=False`: nothing appended)."""
-
-    def __init__(self, w_in, b_in, w_o, b_o, w_gu, b_gu, w_down, b_down, post_w, post_eps, next_w, next_eps,
-                 Hq: int, Hkv: int, D: int, owns: bool):
-        self.keep = (w_in, b_in, w_o, b_o, w_gu, b_gu, w_down, b_down, post_w, next_w)  # alive while bound
-        self.dtype, self.owns = w_in.dtype, owns
-        self.hidden, self.inter = w_in.shape[1], w_down.shape[1]
-        self.Hq, self.Hkv, self.D = Hq, Hkv, D
-        L = self.s = _Layer()
-        for name, t in zip(("w_in", "b_in", "w_o", "b_o", "w_gu", "b_gu", "w_down", "b_down", "post_w", "next_w"),
-                           self.keep):
-            setattr(L, name, _ptr(t))
-        L.post_eps, L.next_eps = post_eps, next_eps
-        L.hidden, L.n_in, L.Hq, L.Hkv, L.D, L.inter = self.hidden, w_in.shape[0], Hq, Hkv, D, self.inter
-        L.dt = _DTYPES[self.dtype]
-        self.heads = Hq + Hkv if owns else Hq
-        self.ref = ctypes.byref(L)
-
-    @staticmethod
-    def ok(dtype: torch.dtype, Hq: int, Hkv: int, D: int) -> bool:
-        """The shapes and dtypes this call takes (those of `linear` and `decode_attention`)."""
-        return linear_ok(dtype) and D <= 512 and Hq % Hkv == 0 and Hq // Hkv <= 8
-
-    def work_size(self, B: int) -> int:
-        return B * (self.s.n_in + (self.heads + self.Hq) * self.D + 2 * self.hidden + 3 * self.inter)
-
-    def __call__(self, x, h, cos, sin_s, work, scratch: Scratch, k_pool, v_pool, pos_pool, bias_pool, rows,
-                 positions, table, lengths, max_len: int, min_len: int, scale: float, want_colsum: bool):
-        """x, h (B, hidden) contiguous, updated in place (h: the next layer's normed input); cos, sin_s
-        (B, 1, D); work: >= `work_size(B)` elements of the model's dtype; rows: `rows_array` of the (B,
-        Hkv) new tokens' flat pool rows (owning layers; their lengths already counted), positions (B,)
-        int32; table (B, Hkv, MB) int32, lengths (B, Hkv) int32 or None when every head holds max_len ==
-        min_len tokens. -> colsum (B, Hkv, T) float32 when asked for (a fresh tensor), else None."""
-        B = x.shape[0]
-        bs = k_pool.shape[1]
-        n_blocks, splits = attention_plan(B, self.Hkv, bs, max_len)
-        T, G = n_blocks * bs, self.Hq // self.Hkv
-        colsum = torch.empty(B, self.Hkv, T, dtype=torch.float32) if want_colsum else None
-        L = self.s
-        L.k_pool, L.v_pool, L.pos_pool, L.bias_pool = (k_pool.data_ptr(), v_pool.data_ptr(), pos_pool.data_ptr(),
-                                                       _ptr(bias_pool))
-        L.rows, L.positions = (ctypes.addressof(rows), positions.data_ptr()) if self.owns else (None, None)
-        L.table, L.lengths = table.data_ptr(), (None if lengths is None or min_len == max_len else lengths.data_ptr())
-        L.bs, L.max_blocks, L.n_tab, L.uniform, L.splits = bs, table.shape[2], n_blocks, max_len, splits
-        L.probs = scratch.get("probs", B * self.Hq * T, torch.float32).data_ptr()
-        L.part = scratch.get("part", B * self.Hkv * splits * G * (self.D + 2), torch.float32).data_ptr()
-        L.colsum, L.scale, L.B = _ptr(colsum), scale, B
-        L.cos, L.sin_s, L.work = cos.data_ptr(), sin_s.data_ptr(), work.data_ptr()
-        _lib().kv_decode_layer(self.ref, x.data_ptr(), h.data_ptr())
-        return colsum

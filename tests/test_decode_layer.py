@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from kvchat_kernels import cpu
+from kvchat_kernels import cpu, cpu_layer
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.engine.forward import Runner
 from kvchat.model import LoadedModel, describe
@@ -102,8 +102,8 @@ def test_decode_layer_is_the_per_op_calls_bit_for_bit(matmul_path, dtype, D, B, 
     x_ref, h_ref = cpu.add_rms_norm(x_ref, cpu.linear(attn.reshape(B, -1), w_o), post_w, 1e-5)
     x_ref, h_ref = cpu.add_rms_norm(x_ref, cpu.linear(cpu.silu_mul(cpu.linear(h_ref, w_gu)), w_dn), next_w, 1e-6)
 
-    layer = cpu.DecodeLayer(w_in, bi, w_o, None, w_gu, None, w_dn, None, post_w, 1e-5, next_w, 1e-6, Hq, Hkv, D, owns)
-    scratch = cpu.Scratch()
+    layer = cpu_layer.DecodeLayer(w_in, bi, w_o, None, w_gu, None, w_dn, None, post_w, 1e-5, next_w, 1e-6, Hq, Hkv, D, owns)
+    scratch = cpu_layer.Scratch()
     work = scratch.get("work", layer.work_size(B), dtype)
     x, h = x0.clone(), h0.clone()
     cs = layer(x, h, cos, sin, work, scratch, k, v, pos, bias, cpu.rows_array(rows) if owns else None, positions,
@@ -130,7 +130,7 @@ def decode_run(lm, methods, prompts, steps, monkeypatch, fused: bool):
     many layers ran as one native call)."""
     monkeypatch.setenv("KVCHAT_FUSED_LAYER", "1" if fused else "0")
     calls, logits = [0], []
-    real_call, real_decode = cpu.DecodeLayer.__call__, Runner.decode
+    real_call, real_decode = cpu_layer.DecodeLayer.__call__, Runner.decode
 
     def counted(self, *a, **k):
         calls[0] += 1
@@ -141,7 +141,7 @@ def decode_run(lm, methods, prompts, steps, monkeypatch, fused: bool):
         logits.append(out.clone())
         return out
 
-    monkeypatch.setattr(cpu.DecodeLayer, "__call__", counted)
+    monkeypatch.setattr(cpu_layer.DecodeLayer, "__call__", counted)
     monkeypatch.setattr(Runner, "decode", recorded)
     eng = Engine(lm, Profile("t", methods=methods), max_slots=len(prompts), block_size=8)
     assert eng.runner.fused == fused

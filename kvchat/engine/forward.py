@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kvchat_kernels import cpu
+from kvchat_kernels import cpu, cpu_layer
 from kvchat.cache.stats import StepStats
 from kvchat.engine.weights import LayerWeights, Norm, Weights
 from kvchat.methods.base import DecodeCtx, PrefillCtx
@@ -67,8 +67,8 @@ class Runner:
         self.native = self._native_ok(lm)
         # a whole layer per native call (kernels/cpu_layer.c) where the store allows; KVCHAT_FUSED_LAYER=0 off
         self.fused = self.native and self._fused_ok() and os.environ.get("KVCHAT_FUSED_LAYER", "1") != "0"
-        self._fused_layers: dict[tuple[int, bool], cpu.DecodeLayer] = {}
-        self._scratch = cpu.Scratch()
+        self._fused_layers: dict[tuple[int, bool], cpu_layer.DecodeLayer] = {}
+        self._scratch = cpu_layer.Scratch()
         self.stats = {"prefill_tokens": 0, "prefill_layer_tokens": 0, "kv_projections": 0}
 
     def _native_ok(self, lm) -> bool:
@@ -86,9 +86,9 @@ class Runner:
         lins = [lin for lw in self.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
         dtype = self.desc.dtype
         return (all(lin.native and lin.w.dtype == dtype and lin.w.is_contiguous() for lin in lins)
-                and cpu.DecodeLayer.ok(dtype, self.n_q // self.D, self.n_kv // self.D, self.D))
+                and cpu_layer.DecodeLayer.ok(dtype, self.n_q // self.D, self.n_kv // self.D, self.D))
 
-    def _layer_call(self, li: int, owns: bool) -> cpu.DecodeLayer:
+    def _layer_call(self, li: int, owns: bool) -> cpu_layer.DecodeLayer:
         """Layer li's native call, its weights bound on first use (owns=False: the Q rows only)."""
         f = self._fused_layers.get((li, owns))
         if f is None:
@@ -96,7 +96,7 @@ class Runner:
             nxt = self.layers[li + 1].in_norm if li + 1 < len(self.layers) else self.norm
             qkv = lw.qkv
             w_in, b_in = (qkv.w, qkv.b) if owns else (qkv.w[:n], None if qkv.b is None else qkv.b[:n])
-            f = self._fused_layers[(li, owns)] = cpu.DecodeLayer(
+            f = self._fused_layers[(li, owns)] = cpu_layer.DecodeLayer(
                 w_in, b_in, lw.o.w, lw.o.b, lw.gate_up.w, lw.gate_up.b, lw.down.w, lw.down.b, lw.post_norm.weight,
                 lw.post_norm.eps, nxt.weight, nxt.eps, n // self.D, self.n_kv // self.D, self.D, owns)
         return f

@@ -86,3 +86,10 @@ void kv_decode_layer(const kv_layer *L, void *x, void *h) {
     kv_linear(act, L->w_down, L->b_down, dn, B, L->hidden, L->inter, dt);
     kv_add_rms_norm(x, dn, L->next_w, h, B, L->hidden, L->next_eps, dt);
 }
+
+/* Layers L[0..n) one after another (a run of layers no method needs to see between): one call from
+ * Python for the run, so the interpreter's work between layers, slow with its data pushed out of the
+ * caches by each layer's weights, is done once before it. */
+void kv_decode_layers(const kv_layer *const *L, int64_t n, void *x, void *h) {
+    for (int64_t i = 0; i < n; i++) kv_decode_layer(L[i], x, h);
+}

@@ -65,6 +65,7 @@ class DecodeLayer:
         L.hidden, L.n_in, L.Hq, L.Hkv, L.D, L.inter = self.hidden, w_in.shape[0], Hq, Hkv, D, self.inter
         L.dt = _DTYPES[self.dtype]
         self.heads = Hq + Hkv if owns else Hq
+        self.need = (0, 0, 0)  # scratch elements `run` gives it: probs, part, work (set by `prepare`)
         self.ref = ctypes.byref(L)
 
     @staticmethod
@@ -75,14 +76,13 @@ class DecodeLayer:
     def work_size(self, B: int) -> int:
         return B * (self.s.n_in + (self.heads + self.Hq) * self.D + 2 * self.hidden + 3 * self.inter)
 
-    def __call__(self, x, h, cos, sin_s, work, scratch: Scratch, k_pool, v_pool, pos_pool, bias_pool, rows,
-                 positions, table, lengths, max_len: int, min_len: int, scale: float, want_colsum: bool):
-        """x, h (B, hidden) contiguous, updated in place (h: the next layer's normed input); cos, sin_s
-        (B, 1, D); work: >= `work_size(B)` elements of the model's dtype; rows: `rows_array` of the (B,
+    def prepare(self, B: int, cos, sin_s, k_pool, v_pool, pos_pool, bias_pool, rows, positions, table, lengths,
+                max_len: int, min_len: int, scale: float, want_colsum: bool):
+        """Bind this step's store and inputs for `run`. cos, sin_s (B, 1, D); rows: `rows_array` of the (B,
         Hkv) new tokens' flat pool rows (owning layers; their lengths already counted), positions (B,)
         int32; table (B, Hkv, MB) int32, lengths (B, Hkv) int32 or None when every head holds max_len ==
-        min_len tokens. -> colsum (B, Hkv, T) float32 when asked for (a fresh tensor), else None."""
-        B = x.shape[0]
+        min_len tokens. The tensors and `rows` must live until `run` returns. -> colsum (B, Hkv, T)
+        float32, filled by `run`, when asked for (a fresh tensor), else None."""
         bs = k_pool.shape[1]
         n_blocks, splits = attention_plan(B, self.Hkv, bs, max_len)
         T, G = n_blocks * bs, self.Hq // self.Hkv
@@ -93,9 +93,29 @@ class DecodeLayer:
         L.rows, L.positions = (ctypes.addressof(rows), positions.data_ptr()) if self.owns else (None, None)
         L.table, L.lengths = table.data_ptr(), (None if lengths is None or min_len == max_len else lengths.data_ptr())
         L.bs, L.max_blocks, L.n_tab, L.uniform, L.splits = bs, table.shape[2], n_blocks, max_len, splits
-        L.probs = scratch.get("probs", B * self.Hq * T, torch.float32).data_ptr()
-        L.part = scratch.get("part", B * self.Hkv * splits * G * (self.D + 2), torch.float32).data_ptr()
         L.colsum, L.scale, L.B = _ptr(colsum), scale, B
-        L.cos, L.sin_s, L.work = cos.data_ptr(), sin_s.data_ptr(), work.data_ptr()
-        _lib().kv_decode_layer(self.ref, x.data_ptr(), h.data_ptr())
+        L.cos, L.sin_s = cos.data_ptr(), sin_s.data_ptr()
+        self.need = (B * self.Hq * T, B * self.Hkv * splits * G * (self.D + 2), self.work_size(B))
         return colsum
+
+    def __call__(self, x, h, scratch: Scratch, *args, **kwargs):
+        """`prepare(x.shape[0], *args, **kwargs)` and `run` this layer alone -> colsum or None."""
+        colsum = self.prepare(x.shape[0], *args, **kwargs)
+        run([self], x, h, scratch)
+        return colsum
+
+
+def run(layers: list[DecodeLayer], x: torch.Tensor, h: torch.Tensor, scratch: Scratch) -> None:
+    """The prepared `layers`, one after another, in one native call: x, h (B, hidden) contiguous, updated
+    in place (h ends as the normed input of the layer after the last). Their intermediates share
+    `scratch`'s buffers (sized here, once every layer is prepared: none is freed under a bound layer)."""
+    probs = scratch.get("probs", max(lay.need[0] for lay in layers), torch.float32).data_ptr()
+    part = scratch.get("part", max(lay.need[1] for lay in layers), torch.float32).data_ptr()
+    work = scratch.get("work", max(lay.need[2] for lay in layers), x.dtype).data_ptr()
+    for lay in layers:
+        lay.s.probs, lay.s.part, lay.s.work = probs, part, work
+    if len(layers) == 1:
+        _lib().kv_decode_layer(layers[0].ref, x.data_ptr(), h.data_ptr())
+    else:
+        ptrs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(lay.s) for lay in layers])
+        _lib().kv_decode_layers(ptrs, len(layers), x.data_ptr(), h.data_ptr())

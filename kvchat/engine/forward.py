@@ -261,11 +261,12 @@ class Runner:
         x, h = cpu.add_rms_norm(x, None, first.weight, first.eps)
         fused = self.fused and B <= cpu.LINEAR_ROWS
         pos32 = positions.to(torch.int32) if fused else None
-        for li, lw in enumerate(layers):
+        li = 0
+        while li < len(layers):
             if fused and store.layers[li].native_layer:
-                self._fused_layer(store, li, slots, slots_t, x, h, cos, sin, pos32)
-                self._after_step_layer(store, li, slots)
+                li = self._fused_run(store, li, slots, slots_t, x, h, cos, sin, pos32)
                 continue
+            lw = layers[li]
             if store.owns(li):
                 self.stats["kv_projections"] += B
                 qkv = lw.qkv(h)  # (B, nq + 2 nk)
@@ -279,22 +280,38 @@ class Runner:
             nxt = layers[li + 1].in_norm if li + 1 < len(layers) else self.norm
             x, h = cpu.add_rms_norm(x, lw.down(cpu.silu_mul(lw.gate_up(h))), nxt.weight, nxt.eps)
             self._after_step_layer(store, li, slots)
+            li += 1
         return self.lm_head(h).float()
 
-    def _fused_layer(self, store, li, slots, slots_t, x, h, cos, sin_s, pos32) -> None:
-        """Layer li of `_decode_native` in one native call (x and h updated in place): the store's
-        bookkeeping and the methods' counting first, as `_attend_step` does them, then the call."""
-        fmt, methods, owns = store.layers[li], self.methods, store.owns(li)
-        rows = None
-        if owns:
-            self.stats["kv_projections"] += len(slots)
-            rows = cpu.rows_array(fmt.step_rows(slots))
-            for m in methods:
-                m.on_append(li, slots, 1)
-        want = any(m.decode_colsum(li) for m in methods) if methods else False
-        table, lengths, mx, mn = fmt.pages.step_tables(slots, slots_t)
-        f = self._layer_call(li, owns)
-        work = self._scratch.get("work", f.work_size(len(slots)), x.dtype)
-        colsum = f(x, h, cos, sin_s, work, self._scratch, fmt.k, fmt.v, fmt.pages.pools["pos"], fmt.bias, rows, pos32,
-                   table, lengths, mx, mn, self.scale, want)
-        store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
+    def _fused_run(self, store, first, slots, slots_t, x, h, cos, sin_s, pos32) -> int:
+        """Layers from `first` on, while their stores are dense and no method needs to act between them
+        (`Method.decode_barrier`, and a layer whose column sums a method reads ends a run too), in one
+        native call: x and h updated in place. Each layer's store bookkeeping and the methods' counting
+        are done first, in layer order, as `_attend_step` does them; the layers' statistics and hooks
+        follow the call, in layer order. -> the layer after the run."""
+        methods, n = self.methods, len(self.layers)
+        B, run, keep, li = len(slots), [], [], first
+        while li < n and store.layers[li].native_layer:
+            fmt, owns = store.layers[li], store.owns(li)
+            rows = None
+            if owns:
+                self.stats["kv_projections"] += B
+                rows = cpu.rows_array(fmt.step_rows(slots))
+                for m in methods:
+                    m.on_append(li, slots, 1)
+            want = any(m.decode_colsum(li) for m in methods) if methods else False
+            table, lengths, mx, mn = fmt.pages.step_tables(slots, slots_t)
+            f = self._layer_call(li, owns)
+            colsum = f.prepare(B, cos, sin_s, fmt.k, fmt.v, fmt.pages.pools["pos"], fmt.bias, rows, pos32, table,
+                               lengths, mx, mn, self.scale, want)
+            run.append(f)
+            keep.append((li, colsum, rows, table, lengths))  # alive until the call returns
+            li += 1
+            if want or (methods and any(m.decode_barrier(li - 1) for m in methods)):
+                break
+        cpu_layer.run(run, x, h, self._scratch)
+        for layer, colsum, *_ in keep:
+            store.stats[layer] = StepStats(self.group, colsum=colsum, slots=slots)
+        for layer, *_ in keep:
+            self._after_step_layer(store, layer, slots)
+        return li

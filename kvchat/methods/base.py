@@ -143,10 +143,19 @@ class Method:
         return False
 
     def on_append(self, layer: int, slots: list[int], n: int) -> None:
-        pass
+        """Count n new tokens of `slots` at `layer` (called before the layer's attention; no eviction here)."""
 
     def after_decode_layer(self, ctx: DecodeCtx) -> None:
         pass
+
+    def decode_barrier(self, layer: int) -> bool:
+        """`after_decode_layer(layer)` must run before the next layer computes (it may evict from a store
+        a later layer reads, or change state a later layer's hook reads). Where no method needs that,
+        the runner computes a run of layers in one native call and calls their hooks, in layer order,
+        after it. A layer whose column sums a method asks for (`decode_colsum`) is always a barrier, so
+        a hook that acts only on column sums needs none of its own. Default: wherever the method has
+        an `after_decode_layer`."""
+        return type(self).after_decode_layer is not Method.after_decode_layer
 
     def after_decode(self, store, slots) -> None:
         pass

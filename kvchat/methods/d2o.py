@@ -223,6 +223,9 @@ class D2O(Method):
                 state.n[layer] = [k + n for k in state.n[layer]]
                 self._row(layer, slot, max(state.n[layer]))  # new tokens start at 0
 
+    def decode_barrier(self, layer: int) -> bool:
+        return False  # the hook acts only on column sums: those layers are barriers already
+
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):
             return

@@ -235,6 +235,9 @@ class PyramidInfer(Method):
                     pend[h] += n
                     scores[h] = torch.zeros(n) if scores[h] is None else F.pad(scores[h], (0, n))
 
+    def decode_barrier(self, layer: int) -> bool:
+        return False  # the hook acts only on column sums: those layers are barriers already
+
     def after_decode_layer(self, ctx) -> None:
         layer = ctx.layer
         if ctx.colsum is None or not self.decode_colsum(layer) or not ctx.store.owns(layer):

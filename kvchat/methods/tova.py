@@ -94,6 +94,9 @@ class TOVA(Method):
             mass = rows.sum(1).view(self.desc.n_kv_heads, G, -1).sum(1)  # (H_kv, L)
             self._evict(store, slot, layer, mass)
 
+    def decode_barrier(self, layer: int) -> bool:
+        return False  # the hook acts only on column sums: those layers are barriers already
+
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):
             return

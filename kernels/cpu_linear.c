@@ -15,6 +15,7 @@
  *   16 rows on that machine.
  * Built with the rest of the native ops (kernels/cpu.py); nothing here depends on Python or torch.
  */
+#define _GNU_SOURCE /* syscall() for the AMX permission request (hidden by -std=c11 otherwise) */
 #include "cpu_common.h"
 #include <stdlib.h>
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)

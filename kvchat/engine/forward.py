@@ -285,12 +285,13 @@ class Runner:
 
     def _fused_run(self, store, first, slots, slots_t, x, h, cos, sin_s, pos32) -> int:
         """Layers from `first` on, while their stores are dense and no method needs to act between them
-        (`Method.decode_barrier`, and a layer whose column sums a method reads ends a run too), in one
+        (`Method.decode_barrier`; with methods, a layer whose store a later layer reads ends a run), in one
         native call: x and h updated in place. Each layer's store bookkeeping and the methods' counting
         are done first, in layer order, as `_attend_step` does them; the layers' statistics and hooks
         follow the call, in layer order. -> the layer after the run."""
         methods, n = self.methods, len(self.layers)
         B, run, keep, li = len(slots), [], [], first
+        read_later = set(store.aliases.values())  # layers whose store a later layer reads
         while li < n and store.layers[li].native_layer:
             fmt, owns = store.layers[li], store.owns(li)
             rows = None
@@ -307,7 +308,7 @@ class Runner:
             run.append(f)
             keep.append((li, colsum, rows, table, lengths))  # alive until the call returns
             li += 1
-            if want or (methods and any(m.decode_barrier(li - 1) for m in methods)):
+            if methods and (li - 1 in read_later or any(m.decode_barrier(li - 1) for m in methods)):
                 break
         cpu_layer.run(run, x, h, self._scratch)
         for layer, colsum, *_ in keep:

@@ -149,11 +149,11 @@ class Method:
         pass
 
     def decode_barrier(self, layer: int) -> bool:
-        """`after_decode_layer(layer)` must run before the next layer computes (it may evict from a store
-        a later layer reads, or change state a later layer's hook reads). Where no method needs that,
-        the runner computes a run of layers in one native call and calls their hooks, in layer order,
-        after it. A layer whose column sums a method asks for (`decode_colsum`) is always a barrier, so
-        a hook that acts only on column sums needs none of its own. Default: wherever the method has
+        """`after_decode_layer(layer)` must run before the next layer computes: it changes something a
+        later layer's compute or hook reads beyond this layer's own store and state. Where no method
+        needs that, the runner computes a run of layers in one native call and calls their hooks, in
+        layer order, after it (a layer whose store a later layer reads always ends a run, so a hook
+        that evicts from its own layer needs no barrier of its own). Default: wherever the method has
         an `after_decode_layer`."""
         return type(self).after_decode_layer is not Method.after_decode_layer
 

@@ -224,7 +224,7 @@ class D2O(Method):
                 self._row(layer, slot, max(state.n[layer]))  # new tokens start at 0
 
     def decode_barrier(self, layer: int) -> bool:
-        return False  # the hook acts only on column sums: those layers are barriers already
+        return False  # the hook scores and evicts this layer's own tokens only
 
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):

@@ -236,7 +236,7 @@ class PyramidInfer(Method):
                     scores[h] = torch.zeros(n) if scores[h] is None else F.pad(scores[h], (0, n))
 
     def decode_barrier(self, layer: int) -> bool:
-        return False  # the hook acts only on column sums: those layers are barriers already
+        return False  # the hook scores and evicts this layer's own tokens only
 
     def after_decode_layer(self, ctx) -> None:
         layer = ctx.layer

@@ -95,7 +95,7 @@ class TOVA(Method):
             self._evict(store, slot, layer, mass)
 
     def decode_barrier(self, layer: int) -> bool:
-        return False  # the hook acts only on column sums: those layers are barriers already
+        return False  # the hook scores and evicts this layer's own tokens only
 
     def after_decode_layer(self, ctx) -> None:
         if ctx.colsum is None or not ctx.store.owns(ctx.layer):

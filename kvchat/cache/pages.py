@@ -45,6 +45,7 @@ class PagedPools:
         self.impl = choose_impl(torch.device(device))  # once: a decode step does not ask again
         # the CPU's native append (kernels/cpu.py): pools are contiguous CPU tensors, grown by torch.cat
         self.native = self.impl == "native"
+        self.on_cpu = torch.device(device).type == "cpu"  # asked every layer of a step: not a tensor attribute
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -124,11 +125,15 @@ class PagedPools:
         if missing == 0:
             return
         ids = iter(self._alloc(missing))
+        table = self.table.numpy() if self.on_cpu else None  # a view: no tensor op a block
         for h, (w, hv) in enumerate(zip(want, have)):
             if w > hv:
                 new = [next(ids) for _ in range(w - hv)]
                 self.blocks[slot][h].extend(new)
-                self.table[slot, h, hv:w] = torch.tensor(new, dtype=torch.int32)
+                if table is not None:
+                    table[slot, h, hv:w] = new
+                else:
+                    self.table[slot, h, hv:w] = torch.tensor(new, dtype=torch.int32)
         self.slot_blocks[slot] += missing
 
     def _set_length(self, slot: int, head: int, n: int) -> None:
@@ -155,20 +160,25 @@ class PagedPools:
         """A decode step's append without the values: one more token for every head of each slot (blocks
         taken where a head's last one is full) -> the flat pool row of each (slot, head) new token, slot-
         major. The caller writes the values to those rows (`append_step`, or kernels/cpu_layer.c)."""
-        bs = self.bs
+        bs, heads = self.bs, range(self.n_heads)
         rows = []
         for s in slots:
             lens = self.host[s]
             if any(n % bs == 0 for n in lens):
                 self.reserve(s, [n + 1 for n in lens])
             blocks = self.blocks[s]
-            rows.extend(blocks[h][n // bs] * bs + n % bs for h, n in enumerate(lens))
-            for h in range(self.n_heads):
-                lens[h] += 1
-        if self._stale or self._lengths.device.type != "cpu":
+            for h in heads:
+                n = lens[h]
+                rows.append(blocks[h][n // bs] * bs + n % bs)
+                lens[h] = n + 1
+        if self._stale or not self.on_cpu:
             self._stale = True
         else:  # the lengths tensor follows in place: a ragged layer's step reads it without a rebuild
-            self._lengths.numpy()[slots] += 1
+            s0, lengths = slots[0], self._lengths.numpy()
+            if slots[-1] - s0 == len(slots) - 1 and slots == list(range(s0, s0 + len(slots))):
+                lengths[s0 : s0 + len(slots)] += 1  # a slice: ~20x cheaper than numpy's list indexing
+            else:
+                lengths[slots] += 1
         return rows
 
     def append_step(self, slots: list[int], slots_t: torch.Tensor, values: dict[str, torch.Tensor]) -> None:

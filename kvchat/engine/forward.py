@@ -250,7 +250,9 @@ class Runner:
     def _decode_native(self, store, slots, slots_t, ids, positions) -> torch.Tensor:
         """`decode` with a layer's small ops fused (kernels/cpu.py): each residual add with the norm after
         it, RoPE of q and k, SiLU-and-multiply; the matmuls are the same Linear calls. Same results as the
-        torch path to float32 summation order (one bfloat16 rounding in attention)."""
+        torch path to float32 summation order (one bfloat16 rounding in attention). Layers on a dense
+        store go further: the same calls chained in C, a run of layers at a time (`_fused_run`), bit for
+        bit what this loop computes."""
         x = self.embed(ids)  # (B, hidden), a fresh tensor: updated in place below
         cos, sin = self._rope_signed(x, positions)
         B, D, Hq = ids.shape[0], self.D, self.n_q // self.D

@@ -48,7 +48,6 @@ _SIGNATURES = {
     "kv_set_amx": ([ctypes.c_int], ctypes.c_int),
     "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
     "kv_decode_attention": ([_P, _I] + [_P] * 9 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
-    "kv_decode_layer": ([_P, _P, _P], None),
     "kv_decode_layers": ([_P, _I, _P, _P], None),
 }
 _why_not = ""

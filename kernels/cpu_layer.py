@@ -66,7 +66,6 @@ class DecodeLayer:
         L.dt = _DTYPES[self.dtype]
         self.heads = Hq + Hkv if owns else Hq
         self.need = (0, 0, 0)  # scratch elements `run` gives it: probs, part, work (set by `prepare`)
-        self.ref = ctypes.byref(L)
 
     @staticmethod
     def ok(dtype: torch.dtype, Hq: int, Hkv: int, D: int) -> bool:
@@ -114,8 +113,5 @@ def run(layers: list[DecodeLayer], x: torch.Tensor, h: torch.Tensor, scratch: Sc
     work = scratch.get("work", max(lay.need[2] for lay in layers), x.dtype).data_ptr()
     for lay in layers:
         lay.s.probs, lay.s.part, lay.s.work = probs, part, work
-    if len(layers) == 1:
-        _lib().kv_decode_layer(layers[0].ref, x.data_ptr(), h.data_ptr())
-    else:
-        ptrs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(lay.s) for lay in layers])
-        _lib().kv_decode_layers(ptrs, len(layers), x.data_ptr(), h.data_ptr())
+    ptrs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(lay.s) for lay in layers])
+    _lib().kv_decode_layers(ptrs, len(layers), x.data_ptr(), h.data_ptr())

@@ -47,7 +47,7 @@ _SIGNATURES = {
     "kv_linear": ([_P, _P, _P, _P, _I, _I, _I, ctypes.c_int], None),
     "kv_set_amx": ([ctypes.c_int], ctypes.c_int),
     "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
-    "kv_decode_attention": ([_P, _I] + [_P] * 9 + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
+    "kv_decode_attention": ([_P, _I] + [_P] * 8 + [_P, _I, _P] + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
     "kv_decode_layers": ([_P, _I, _P, _P], None),
 }
 _why_not = ""
@@ -279,9 +279,11 @@ def attention_plan(B: int, Hkv: int, bs: int, max_len: int) -> tuple[int, int]:
 
 
 def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=None, return_colsum=False,
-                     max_len: int | None = None, min_len: int | None = None):
+                     max_len: int | None = None, min_len: int | None = None, colsum_into=None, colsum_rows=None):
     """`paged_decode_attention_ref`'s contract (kernels/paged_attention.py) in one call. max_len / min_len:
-    the longest and shortest head when the caller knows them; lengths may be None when they are equal."""
+    the longest and shortest head when the caller knows them; lengths may be None when they are equal.
+    `colsum_into` (n, Hkv, cap) float32 contiguous with `colsum_rows` (B,) int64: the column sums are added
+    into its rows colsum_rows[b] (tokens below cap) instead of returned; -> out then."""
     B, Hq, D = q.shape
     Hkv, MB = block_table.shape[1], block_table.shape[2]
     bs = k_pool.shape[1]
@@ -295,12 +297,18 @@ def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=N
     T = n_blocks * bs
     out = torch.empty(B, Hq, D, dtype=q.dtype)
     probs = torch.empty(B, Hq, T, dtype=torch.float32)
-    colsum = torch.empty(B, Hkv, T, dtype=torch.float32) if return_colsum else None  # summed by the kernel
+    if colsum_into is not None:
+        assert colsum_into.dtype == torch.float32 and colsum_into.is_contiguous() and colsum_rows.dtype == torch.int64
+        colsum, return_colsum = colsum_into, False
+    else:
+        colsum = torch.empty(B, Hkv, T, dtype=torch.float32) if return_colsum else None  # summed by the kernel
     part = torch.empty(B * Hkv * splits * (Hq // Hkv) * (D + 2), dtype=torch.float32)
     _lib().kv_decode_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), block_table.data_ptr(),
                                None if lengths is None else lengths.data_ptr(), None if bias_pool is None else bias_pool.data_ptr(),
                                out.data_ptr(), probs.data_ptr(), None if colsum is None else colsum.data_ptr(),
-                               part.data_ptr(), B, Hq, Hkv, D, bs, MB, n_blocks, max_len, splits, int(return_colsum),
+                               None if colsum_into is None else colsum_rows.data_ptr(),
+                               0 if colsum_into is None else colsum_into.shape[2], part.data_ptr(), B, Hq, Hkv, D, bs,
+                               MB, n_blocks, max_len, splits, int(colsum is not None),
                                scale, _DTYPES[q.dtype])
     return (out, colsum) if return_colsum else out
 

@@ -257,14 +257,16 @@ static inline __attribute__((always_inline)) void attend_split64(const float *qf
  * once for the G query heads of the group (so `splits` keeps both cores busy at batch 1) and leaves a
  * running max, sum and unnormalized output; a second pass merges a head's splits by log-sum-exp.
  * probs (B, Hq, T) float32 scratch, T = n_tab * bs (n_tab >= every head's block count); with `want_probs`
- * it ends as each query head's probabilities (zeros past the head's length), and colsum (B, Hkv, T)
- * (when not NULL) as their sums over each KV head's G query heads. part: (B * Hkv * splits * G * (D + 2)) float32 scratch. Float32 throughout; the output is
+ * it ends as each query head's probabilities (zeros past the head's length), and colsum (when not NULL)
+ * gets their sums over each KV head's G query heads: written to colsum (B, Hkv, T) when cs_rows is NULL,
+ * else added into a running buffer (n, Hkv, cs_cap) at row cs_rows[b] for slot b, tokens t < min(its
+ * length, cs_cap) (exactly what adding the (B, Hkv, T) sums to those rows does: they are 0 past it). part: (B * Hkv * splits * G * (D + 2)) float32 scratch. Float32 throughout; the output is
  * rounded once. An empty head outputs zeros. */
 void kv_decode_attention(const void *q, int64_t q_stride, const void *k_pool, const void *v_pool,
                          const int32_t *table, const int32_t *lengths, const float *bias, void *out, float *probs,
-                         float *colsum, float *part, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
-                         int64_t max_blocks, int64_t n_tab, int64_t uniform, int64_t splits, int want_probs, float scale,
-                         int dt) {
+                         float *colsum, const int64_t *cs_rows, int64_t cs_cap, float *part, int64_t B, int64_t Hq,
+                         int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, int64_t n_tab, int64_t uniform,
+                         int64_t splits, int want_probs, float scale, int dt) {
     int64_t G = Hq / Hkv, T = n_tab * bs, P = G * (D + 2);
 #pragma omp parallel
     {
@@ -328,6 +330,16 @@ void kv_decode_attention(const void *q, int64_t q_stride, const void *k_pool, co
             for (int64_t bh = 0; bh < B * Hkv; bh++) {
                 int64_t b = bh / Hkv, hk = bh % Hkv;
                 const float *p = probs + (b * Hq + hk * G) * T;
+                if (cs_rows) { /* the sum first, then one add: the order of summing into a (B, Hkv, T) first */
+                    int64_t L = lengths ? lengths[bh] : uniform, n = L < cs_cap ? L : cs_cap;
+                    float *c = colsum + (cs_rows[b] * Hkv + hk) * cs_cap;
+                    for (int64_t t = 0; t < n; t++) {
+                        float s = p[t];
+                        for (int64_t g = 1; g < G; g++) s += p[g * T + t];
+                        c[t] += s;
+                    }
+                    continue;
+                }
                 float *c = colsum + bh * T;
                 for (int64_t t = 0; t < T; t++) c[t] = p[t];
                 for (int64_t g = 1; g < G; g++)

@@ -10,7 +10,8 @@
  *   in   = h @ w_in^T              (fused Q/K/V, or Q only for a layer reading another layer's store)
  *   qk   = RoPE of the Q and K heads of `in`
  *   append K (rotated), V, the position and a zero logit bias at flat rows `rows` (when rows != NULL)
- *   attn = paged decode attention of the Q heads (column sums into `colsum` when it is not NULL)
+ *   attn = paged decode attention of the Q heads (column sums into `colsum` when it is not NULL: written,
+ *          or added into a method's running scores, `cs_rows`)
  *   x   += attn @ w_o^T;  h = RMSNorm_post(x)
  *   x   += (silu(gate) * up)(h @ w_gu^T) @ w_down^T;  h = RMSNorm_next(x)
  *
@@ -28,9 +29,9 @@ void kv_rope(const void *x, int64_t x_stride, const void *cos, const void *sin_s
 void kv_silu_mul(const void *gu, void *out, int64_t rows, int64_t inter, int dt);
 void kv_decode_attention(const void *q, int64_t q_stride, const void *k_pool, const void *v_pool,
                          const int32_t *table, const int32_t *lengths, const float *bias, void *out, float *probs,
-                         float *colsum, float *part, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
-                         int64_t max_blocks, int64_t n_tab, int64_t uniform, int64_t splits, int want_probs, float scale,
-                         int dt);
+                         float *colsum, const int64_t *cs_rows, int64_t cs_cap, float *part, int64_t B, int64_t Hq,
+                         int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, int64_t n_tab, int64_t uniform,
+                         int64_t splits, int want_probs, float scale, int dt);
 
 /* The layout of kernels/cpu.py's `Layer` (a ctypes Structure): keep the two in the same order. */
 typedef struct {
@@ -47,6 +48,8 @@ typedef struct {
     const int32_t *table, *lengths;
     int64_t bs, max_blocks, n_tab, uniform, splits;
     float *probs, *colsum, *part, scale;
+    const int64_t *cs_rows; /* NULL: colsum (B, Hkv, T) written; else added into rows cs_rows[b] of (n, Hkv, cs_cap) */
+    int64_t cs_cap;
     /* the step */
     int64_t B;
     const void *cos, *sin_s;
@@ -77,8 +80,8 @@ void kv_decode_layer(const kv_layer *L, void *x, void *h) {
             }
     }
     kv_decode_attention(qk, heads * D, L->k_pool, L->v_pool, L->table, L->lengths, L->bias_pool, attn, L->probs,
-                        L->colsum, L->part, B, Hq, Hkv, D, L->bs, L->max_blocks, L->n_tab, L->uniform, L->splits,
-                        L->colsum != NULL, L->scale, dt);
+                        L->colsum, L->cs_rows, L->cs_cap, L->part, B, Hq, Hkv, D, L->bs, L->max_blocks, L->n_tab,
+                        L->uniform, L->splits, L->colsum != NULL, L->scale, dt);
     kv_linear(attn, L->w_o, L->b_o, o, B, L->hidden, Hq * D, dt);
     kv_add_rms_norm(x, o, L->post_w, h, B, L->hidden, L->post_eps, dt);
     kv_linear(h, L->w_gu, L->b_gu, gu, B, 2 * L->inter, L->hidden, dt);

@@ -19,7 +19,8 @@ class _Layer(ctypes.Structure):
                 + [(n, _P) for n in ("k_pool", "v_pool", "pos_pool", "bias_pool", "rows", "positions", "table",
                                      "lengths")]
                 + [(n, _I) for n in ("bs", "max_blocks", "n_tab", "uniform", "splits")]
-                + [(n, _P) for n in ("probs", "colsum", "part")] + [("scale", _F), ("B", _I)]
+                + [(n, _P) for n in ("probs", "colsum", "part")] + [("scale", _F), ("cs_rows", _P), ("cs_cap", _I)]
+                + [("B", _I)]
                 + [(n, _P) for n in ("cos", "sin_s", "work")] + [("dt", ctypes.c_int32)])
 
 
@@ -76,23 +77,30 @@ class DecodeLayer:
         return B * (self.s.n_in + (self.heads + self.Hq) * self.D + 2 * self.hidden + 3 * self.inter)
 
     def prepare(self, B: int, cos, sin_s, k_pool, v_pool, pos_pool, bias_pool, rows, positions, table, lengths,
-                max_len: int, min_len: int, scale: float, want_colsum: bool):
+                max_len: int, min_len: int, scale: float, want_colsum: bool, colsum_into=None, colsum_rows=None):
         """Bind this step's store and inputs for `run`. cos, sin_s (B, 1, D); rows: `rows_array` of the (B,
         Hkv) new tokens' flat pool rows (owning layers; their lengths already counted), positions (B,)
         int32; table (B, Hkv, MB) int32, lengths (B, Hkv) int32 or None when every head holds max_len ==
         min_len tokens. The tensors and `rows` must live until `run` returns. -> colsum (B, Hkv, T)
-        float32, filled by `run`, when asked for (a fresh tensor), else None."""
+        float32, filled by `run`, when asked for (a fresh tensor), else None. With `colsum_into` (n, Hkv,
+        cap) float32 and `colsum_rows` (B,) int64 the sums are added into its rows instead (-> None)."""
         bs = k_pool.shape[1]
         n_blocks, splits = attention_plan(B, self.Hkv, bs, max_len)
         T, G = n_blocks * bs, self.Hq // self.Hkv
-        colsum = torch.empty(B, self.Hkv, T, dtype=torch.float32) if want_colsum else None
         L = self.s
+        if colsum_into is not None:
+            assert colsum_into.dtype == torch.float32 and colsum_into.is_contiguous()
+            colsum, L.cs_rows, L.cs_cap = None, colsum_rows.data_ptr(), colsum_into.shape[2]
+            L.colsum = colsum_into.data_ptr()
+        else:
+            colsum = torch.empty(B, self.Hkv, T, dtype=torch.float32) if want_colsum else None
+            L.colsum, L.cs_rows, L.cs_cap = _ptr(colsum), None, 0
         L.k_pool, L.v_pool, L.pos_pool, L.bias_pool = (k_pool.data_ptr(), v_pool.data_ptr(), pos_pool.data_ptr(),
                                                        _ptr(bias_pool))
         L.rows, L.positions = (ctypes.addressof(rows), positions.data_ptr()) if self.owns else (None, None)
         L.table, L.lengths = table.data_ptr(), (None if lengths is None or min_len == max_len else lengths.data_ptr())
         L.bs, L.max_blocks, L.n_tab, L.uniform, L.splits = bs, table.shape[2], n_blocks, max_len, splits
-        L.colsum, L.scale, L.B = _ptr(colsum), scale, B
+        L.scale, L.B = scale, B
         L.cos, L.sin_s = cos.data_ptr(), sin_s.data_ptr()
         self.need = (B * self.Hq * T, B * self.Hkv * splits * G * (self.D + 2), self.work_size(B))
         return colsum

@@ -129,6 +129,31 @@ def test_decode_attention_is_the_reference(dtype, D, bs, G):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cap", [200, 40], ids=["room", "clipped"])
+def test_decode_attention_adds_column_sums_into_running_scores(dtype, cap):
+    """`colsum_into`: each slot's sums added into its own row of a method's buffer (rows out of order,
+    tokens below the cap), bit for bit what adding the returned sums does; other rows untouched."""
+    B, Hkv, G, D, bs, NB = 3, 3, 3, 64, 16, 60
+    kp, vp = rand(NB, bs, D, dtype=dtype, seed=1), rand(NB, bs, D, dtype=dtype, seed=2)
+    table = torch.randperm(NB, generator=torch.Generator().manual_seed(3))[: B * Hkv * 6].view(B, Hkv, 6)
+    table = table.to(torch.int32).contiguous()
+    lengths = torch.tensor([[81, 3, 0], [16, 96, 31], [1, 19, 64]], dtype=torch.int32)
+    q = rand(B, Hkv * G, D, dtype=dtype, seed=4)
+    scores = torch.rand(5, Hkv, cap, generator=torch.Generator().manual_seed(6))
+    slots = [4, 0, 2]
+    out, cs = cpu.decode_attention(q, kp, vp, table, lengths, 0.3, None, True)
+    want = scores.clone()
+    T = min(cap, cs.shape[2])
+    want[slots, :, :T] += cs[:, :, :T]
+    got = scores.clone()
+    out2 = cpu.decode_attention(q, kp, vp, table, lengths, 0.3, None, True, colsum_into=got,
+                                colsum_rows=torch.tensor(slots))
+    assert torch.equal(out2, out)
+    assert torch.equal(got, want)
+    assert torch.equal(got[[1, 3]], scores[[1, 3]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_with_uniform_lengths_needs_no_lengths_tensor(dtype):
     kp, vp = rand(12, 4, 16, dtype=dtype, seed=1), rand(12, 4, 16, dtype=dtype, seed=2)
     table = torch.arange(12, dtype=torch.int32).view(1, 2, 6)

@@ -257,32 +257,37 @@ def test_d2o_slack_evicts_less_often_and_stays_within_it(tiny, monkeypatch):
 
 @pytest.mark.parametrize("live", [[0, 1, 2], [0, 2]], ids=["consecutive", "gap"])
 def test_d2o_adds_each_steps_column_sums_to_its_own_slots(tiny, live):
-    """Every slot's scores sit in one buffer per layer and a step adds all its slots' column sums at once
-    (a slice when the step's slots are consecutive, index_add otherwise): each live slot's row gains
-    exactly its own column sums, a slot not in the step gains nothing, and past a head's length stays 0."""
+    """Every slot's scores sit in one buffer per layer (`decode_colsum_into`) and the engine adds a step's
+    column sums into it before the layer's hook: each live slot's row gains its own attention (every
+    query head's probabilities sum to 1, so a KV head's gain over its tokens sums to the group size and
+    is positive on each token), a slot not in the step gains nothing, and past a head's length stays 0."""
     eng = Engine(tiny, Profile("t", methods=[D2O.keep_all()]), max_slots=3)  # scored every step, never evicted
     m = eng.methods[0]
+    G = tiny.desc.n_heads // tiny.desc.n_kv_heads
     seqs = [eng.start(Request(str(i), prompt(40 + 7 * i, seed=i), SamplingParams(max_new_tokens=50))) for i in range(3)]
-    checked, orig = [], m.after_decode_layer
+    checked, before, into, after_hook = [], {}, m.decode_colsum_into, m.after_decode_layer
+
+    def snapshot(layer):
+        buf = into(layer)
+        before[layer] = None if buf is None else buf.clone()
+        return buf
 
     def spy(ctx):
-        before = m._scores[ctx.layer].clone() if ctx.layer in m._scores else None
-        orig(ctx)
-        if before is None or ctx.colsum is None:
-            return
-        after = m._scores[ctx.layer]
-        for s in range(3):
-            gain = after[s] - before[s]
-            if s not in ctx.slots:
-                assert torch.equal(gain, torch.zeros_like(gain)), (ctx.layer, s)
-                continue
-            n = max(m._slots[s].n[ctx.layer])
-            b = ctx.slots.index(s)
-            torch.testing.assert_close(gain[:, :n], ctx.colsum[b, :, :n])
-            assert torch.equal(after[s][:, n:], torch.zeros_like(after[s][:, n:]))
-            checked.append((ctx.layer, s))
+        was = before.pop(ctx.layer, None)
+        if was is not None:
+            gain = m._scores[ctx.layer] - was
+            for s in range(3):
+                if s not in ctx.slots:
+                    assert torch.equal(gain[s], torch.zeros_like(gain[s])), (ctx.layer, s)
+                    continue
+                for h, n in enumerate(m._slots[s].n[ctx.layer]):
+                    assert (gain[s, h, :n] > 0).all(), (ctx.layer, s, h)
+                    torch.testing.assert_close(gain[s, h, :n].sum(), torch.tensor(float(G)))
+                    assert torch.equal(m._scores[ctx.layer][s, h, n:], torch.zeros_like(gain[s, h, n:]))
+                checked.append((ctx.layer, s))
+        after_hook(ctx)
 
-    m.after_decode_layer = spy
+    m.decode_colsum_into, m.after_decode_layer = snapshot, spy
     for _ in range(4):
         eng.step([seqs[i] for i in live])
     scored = [l for l in range(tiny.desc.n_layers) if m._slots[0].n[l] is not None]

@@ -33,3 +33,14 @@ class StepStats:
             self.colsum[b].zero_()
             for h, idx in enumerate(keep):
                 self.colsum[b, h, : idx.numel()] = row[h, idx.long()]
+
+
+def add_colsum(into: torch.Tensor, slots: list[int], colsum: torch.Tensor) -> None:
+    """Add a step's column sums (B, H_kv, T) into a method's running scores (n_slots, H_kv, cap), row
+    slots[b] for slot b, tokens below min(T, cap) (past a head's length both sides are 0)."""
+    T = min(into.shape[2], colsum.shape[2])
+    s0 = slots[0]
+    if slots == list(range(s0, s0 + len(slots))):
+        into[s0 : s0 + len(slots), :, :T] += colsum[:, :, :T]
+    else:
+        into[:, :, :T].index_add_(0, torch.tensor(slots), colsum[:, :, :T])

@@ -13,7 +13,7 @@ import os
 import torch
 
 from kvchat_kernels import cpu, cpu_layer
-from kvchat.cache.stats import StepStats
+from kvchat.cache.stats import StepStats, add_colsum
 from kvchat.engine.weights import LayerWeights, Norm, Weights
 from kvchat.methods.base import DecodeCtx, PrefillCtx
 
@@ -236,10 +236,27 @@ class Runner:
             fmt.append_step(slots, slots_t, *append)
             for m in methods:
                 m.on_append(li, slots, 1)
-        want = any(m.decode_colsum(li) for m in methods) if methods else False
+        want, into = self._colsum_plan(li)
         attn, colsum = fmt.attend_decode(q, slots, slots_t, self.scale, want)
-        store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
+        self._step_stats(store, li, slots, colsum, into)
         return attn
+
+    def _colsum_plan(self, li: int) -> tuple[bool, list]:
+        """-> whether a method wants layer li's column sums this step, and the running-score buffers of
+        those that take them there (`Method.decode_colsum_into`; None for one that reads ctx.colsum)."""
+        if not self.methods:
+            return False, []
+        into = [m.decode_colsum_into(li) for m in self.methods if m.decode_colsum(li)]
+        return bool(into), into
+
+    def _step_stats(self, store, li, slots, colsum, into) -> None:
+        """Layer li's StepStats; the column sums added into the buffers that take them (if the kernel
+        has not: colsum None)."""
+        if colsum is not None:
+            for buf in into:
+                if buf is not None:
+                    add_colsum(buf, slots, colsum)
+        store.stats[li] = StepStats(self.group, colsum=colsum, slots=slots)
 
     def _after_step_layer(self, store, li, slots) -> None:
         if self.methods:
@@ -302,19 +319,20 @@ class Runner:
                 rows = cpu.rows_array(fmt.step_rows(slots))
                 for m in methods:
                     m.on_append(li, slots, 1)
-            want = any(m.decode_colsum(li) for m in methods) if methods else False
+            want, into = self._colsum_plan(li)
+            direct = into[0] if len(into) == 1 else None  # the kernel adds into the one buffer that takes them
             table, lengths, mx, mn = fmt.pages.step_tables(slots, slots_t)
             f = self._layer_call(li, owns)
             colsum = f.prepare(B, cos, sin_s, fmt.k, fmt.v, fmt.pages.pools["pos"], fmt.bias, rows, pos32, table,
-                               lengths, mx, mn, self.scale, want)
+                               lengths, mx, mn, self.scale, want, direct, slots_t)
             run.append(f)
-            keep.append((li, colsum, rows, table, lengths))  # alive until the call returns
+            keep.append((li, colsum, into, rows, table, lengths))  # alive until the call returns
             li += 1
             if methods and (li - 1 in read_later or any(m.decode_barrier(li - 1) for m in methods)):
                 break
         cpu_layer.run(run, x, h, self._scratch)
-        for layer, colsum, *_ in keep:
-            store.stats[layer] = StepStats(self.group, colsum=colsum, slots=slots)
+        for layer, colsum, into, *_ in keep:
+            self._step_stats(store, layer, slots, colsum, into)
         for layer, *_ in keep:
             self._after_step_layer(store, layer, slots)
         return li

@@ -16,6 +16,7 @@ Hooks, in the order the engine calls them:
     after_prefill_layer(ctx) -> keep | None  per layer during prefill; may drop hidden states
     after_prefill(store, slot)               the chunk (a user turn) is in the store
     decode_colsum(layer) -> bool             column sums of decode attention wanted
+    decode_colsum_into(layer) -> buf | None  ... added into the method's running scores (else ctx.colsum)
     on_append(layer, slots, n)               n tokens appended to every head of each slot (owned layers)
     after_decode_layer(ctx)                  per layer during decode (ctx.colsum)
     after_decode(store, slots)               one token appended to every live slot
@@ -141,6 +142,15 @@ class Method:
 
     def decode_colsum(self, layer: int) -> bool:
         return False
+
+    def decode_colsum_into(self, layer: int) -> torch.Tensor | None:
+        """Where this step's column sums at `layer` go when the method keeps running scores: a float32
+        (n_slots, H_kv, cap) contiguous buffer indexed by slot. The engine adds each step slot's sums into
+        its row (tokens below cap; the sums are 0 past a head's length) before any `after_decode_layer`
+        of the layer runs, in the attention kernel itself when no other method at the layer needs them as
+        ctx.colsum (which is then None). Asked after `on_append`, so a buffer grown there is the one used.
+        None: the method reads ctx.colsum."""
+        return None
 
     def on_append(self, layer: int, slots: list[int], n: int) -> None:
         """Count n new tokens of `slots` at `layer` (called before the layer's attention; no eviction here)."""

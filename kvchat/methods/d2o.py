@@ -216,6 +216,11 @@ class D2O(Method):
     def decode_colsum(self, layer: int) -> bool:
         return not self.edges or 1 < layer < self.desc.n_layers - 1
 
+    def decode_colsum_into(self, layer: int) -> torch.Tensor | None:
+        # Every slot's accumulated attention: the engine adds the step's sums in (the kernel, mostly). A row of a
+        # slot that keeps no scores for this layer gains sums nobody reads: a prefill zeroes a row before scoring.
+        return self._scores.get(layer) if self.decode_colsum(layer) else None
+
     def on_append(self, layer: int, slots, n: int) -> None:
         for slot in slots:
             state = self._slots.get(slot)
@@ -227,22 +232,13 @@ class D2O(Method):
         return False  # the hook scores and evicts this layer's own tokens only
 
     def after_decode_layer(self, ctx) -> None:
-        if ctx.colsum is None or not ctx.store.owns(ctx.layer):
+        layer = ctx.layer
+        if not self.decode_colsum(layer) or not ctx.store.owns(layer):
             return
-        layer, slots = ctx.layer, ctx.slots
-        scored = [s for s in slots if s in self._slots and self._slots[s].n[layer] is not None]
-        if not scored:
-            return
-        # Every slot's column sums at once (past each head's length both sides are 0). A row of a slot that
-        # keeps no scores for this layer gains sums nobody reads: a prefill zeroes a row before scoring it.
-        buf = self._scores[layer]
-        T = min(buf.shape[2], ctx.colsum.shape[2])
-        s0 = slots[0]
-        if slots == list(range(s0, s0 + len(slots))):
-            buf[s0 : s0 + len(slots), :, :T] += ctx.colsum[:, :, :T]
-        else:
-            buf[:, :, :T].index_add_(0, torch.tensor(slots), ctx.colsum[:, :, :T])
-        for slot in scored:
+        # The step's column sums are in the scores already (`decode_colsum_into`).
+        for slot in ctx.slots:
+            if slot not in self._slots or self._slots[slot].n[layer] is None:
+                continue
             state = self._slots[slot]
             n = max(state.n[layer])
             # Amortized: let `slack` pile up, then evict it in one compaction.

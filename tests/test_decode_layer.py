@@ -62,11 +62,14 @@ def matmul_path(request):
 @pytest.mark.parametrize("D", [64, 32])
 @pytest.mark.parametrize("B, lens", [(1, [[37, 37]]), (3, [[5, 40], [17, 17], [0, 63]])], ids=["one", "ragged"])
 @pytest.mark.parametrize("owns", [True, False], ids=["owns", "reads"])
-@pytest.mark.parametrize("extras", [(False, False), (True, True)], ids=["plain", "bias+colsum"])
+@pytest.mark.parametrize("extras", [(False, False, False), (True, True, False), (False, True, True)],
+                         ids=["plain", "bias+colsum", "colsum_into"])
 def test_decode_layer_is_the_per_op_calls_bit_for_bit(matmul_path, dtype, D, B, lens, owns, extras):
+    """colsum_into: the column sums added into running scores (n_slots, Hkv, cap) at rows given out of
+    order, as d2o's buffer takes them, instead of returned."""
     if not cpu.linear_ok(dtype):
         pytest.fail(f"this machine runs the native {dtype} matmul (AVX-512, AVX512-BF16): {cpu.status()}")
-    with_bias, want_colsum = extras
+    with_bias, want_colsum, into = extras
     g = torch.Generator().manual_seed(7)
     Hq, Hkv, hidden, inter, bs = 4, 2, 128, 96, 16
     nq, nk = Hq * D, Hkv * D
@@ -101,6 +104,12 @@ def test_decode_layer_is_the_per_op_calls_bit_for_bit(matmul_path, dtype, D, B, 
             cpu.scatter_rows(rbias, torch.zeros(()).expand(B, Hkv), flat)
     res = cpu.decode_attention(qk[:, :Hq], rk, rv, table, lengths, 0.125, rbias, want_colsum, max_len=mx, min_len=mn)
     attn, cs_ref = res if want_colsum else (res, None)
+    scores = scores_ref = slot_rows = None
+    if into:  # B of n_slots = B + 1 rows, reversed; cap cuts the longest head's last tokens
+        slot_rows = torch.arange(B, 0, -1, dtype=torch.int64)
+        scores = torch.rand(B + 1, Hkv, mx - 2, generator=g)
+        scores_ref = scores.clone()
+        scores_ref[slot_rows] += cs_ref[:, :, : mx - 2]
     x_ref, h_ref = cpu.add_rms_norm(x_ref, cpu.linear(attn.reshape(B, -1), w_o), post_w, 1e-5)
     x_ref, h_ref = cpu.add_rms_norm(x_ref, cpu.linear(cpu.silu_mul(cpu.linear(h_ref, w_gu)), w_dn), next_w, 1e-6)
 
@@ -108,11 +117,14 @@ def test_decode_layer_is_the_per_op_calls_bit_for_bit(matmul_path, dtype, D, B, 
     scratch = cpu_layer.Scratch()
     x, h = x0.clone(), h0.clone()
     cs = layer(x, h, scratch, cos, sin, k, v, pos, bias, cpu.rows_array(rows) if owns else None, positions,
-               table, lengths, mx, mn, 0.125, want_colsum)
+               table, lengths, mx, mn, 0.125, want_colsum, scores, slot_rows)
     assert torch.equal(x, x_ref) and torch.equal(h, h_ref)
     assert torch.equal(k, rk) and torch.equal(v, rv) and torch.equal(pos, rpos)
     assert bias is None or torch.equal(bias, rbias)
-    assert (cs is None) == (not want_colsum) and (cs is None or torch.equal(cs, cs_ref))
+    if into:
+        assert cs is None and torch.equal(scores, scores_ref)
+    else:
+        assert (cs is None) == (not want_colsum) and (cs is None or torch.equal(cs, cs_ref))
     if owns:  # the append happened: the new rows hold this step's keys and positions
         assert torch.equal(k.view(-1, D)[rows], qk[:, Hq:].reshape(-1, D))
         assert pos.view(-1)[rows].tolist() == positions.repeat_interleave(Hkv).tolist()

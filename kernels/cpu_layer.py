@@ -90,6 +90,7 @@ class DecodeLayer:
         L = self.s
         if colsum_into is not None:
             assert colsum_into.dtype == torch.float32 and colsum_into.is_contiguous()
+            assert colsum_rows.dtype == torch.int64  # the kernel reads int64 rows
             colsum, L.cs_rows, L.cs_cap = None, colsum_rows.data_ptr(), colsum_into.shape[2]
             L.colsum = colsum_into.data_ptr()
         else:

@@ -1,5 +1,6 @@
-"""kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c), built
-once per machine into one library, called through ctypes.
+"""kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c) and the
+bfloat16 causal attention of a prompt's first chunk (cpu_prefill.c), built once per machine into one
+library, called through ctypes.
 
 A decode step on the CPU spent as long in small ops as in its matmuls (each ATen op a few microseconds
 of dispatch for a few hundred bytes of work), and oneDNN's GEMV streamed the weights at ~15 GB/s of the
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_linear.c", _DIR / "cpu_attention.c", _DIR / "cpu_layer.c"]  # one library; all include cpu_common.h
+_SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_linear.c", _DIR / "cpu_attention.c", _DIR / "cpu_layer.c",
+            _DIR / "cpu_prefill.c"]  # one library; all include cpu_common.h
 _HEADERS = [_DIR / "cpu_common.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -49,6 +51,8 @@ _SIGNATURES = {
     "kv_scatter_rows": ([_P, _P, _I, _I, _I, _I, _P, _I], None),
     "kv_decode_attention": ([_P, _I] + [_P] * 8 + [_P, _I, _P] + [_I] * 9 + [ctypes.c_int, _F, ctypes.c_int], None),
     "kv_decode_layers": ([_P, _I, _P, _P], None),
+    "kv_fast_prefill": ([], ctypes.c_int),
+    "kv_prefill_attention": ([_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _F], None),
 }
 _why_not = ""
 _warned = False
@@ -146,7 +150,7 @@ def status() -> str:
         return f"torch ({_why_not})"
     if not enabled():
         return "torch (KVCHAT_NATIVE=0)"
-    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
+    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c, cpu_prefill.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -312,3 +316,29 @@ def decode_attention(q, k_pool, v_pool, block_table, lengths, scale, bias_pool=N
                                scale, _DTYPES[q.dtype])
     return (out, colsum) if return_colsum else out
 
+
+
+# ---- prefill attention -------------------------------------------------------------------------------
+
+def causal_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`causal_attention` takes these: bfloat16 on a CPU with AVX512-BF16 (cpu_prefill.c; elsewhere torch's
+    flash attention is as fast), the native ops on, head size 64, each position's heads contiguous, k and v
+    each with its own row stride."""
+    return (enabled() and supports(q, k, v) and q.dtype == torch.bfloat16 and bool(_lib().kv_fast_prefill())
+            and q.shape[-1] == 64 and k.shape[-1] == 64 and q.shape[1] % k.shape[1] == 0 and q.shape[0] > 0
+            and k.shape == v.shape and all(t.stride(2) == 1 and t.stride(1) == 64 for t in (q, k, v)))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (T, H_q, 64), k/v (T, H_kv, 64) bfloat16 (`causal_attention_ok`) -> (T, H_q, 64): query i of head h
+    attends to keys 0..i of KV head h // (H_q / H_kv), as torch's SDPA with is_causal and enable_gqa does
+    (float32 scores and softmax, probabilities rounded to bfloat16 for the product with V, as its CPU flash
+    attention rounds them)."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    Tp = -(-T // 32) * 32
+    out = torch.empty(T, Hq, D, dtype=q.dtype)
+    scratch = torch.empty(2 * Hkv * Tp * D, dtype=torch.int16)
+    _lib().kv_prefill_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), out.data_ptr(),
+                                Hq * D, scratch.data_ptr(), T, Hq, Hkv, scale)
+    return out

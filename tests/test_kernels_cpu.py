@@ -194,6 +194,68 @@ def test_a_compiler_that_fails_leaves_the_torch_path_and_says_why(tmp_path):
 
 
 
+def _sdpa_causal(q, k, v, scale):
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+
+
+def _qkv_views(T, Hq, Hkv, seed):
+    """q and v as strided views of one fused projection (as a prefill's are), k contiguous (after RoPE)."""
+    qkv = rand(T, Hq + 2 * Hkv, 64, dtype=torch.bfloat16, seed=seed) * 2
+    return qkv[:, :Hq], qkv[:, Hq : Hq + Hkv].contiguous(), qkv[:, Hq + Hkv :]
+
+
+def _fast_prefill_expected() -> bool:
+    """This CPU has AVX512-BF16 and the library is built for it (the portable build below is not)."""
+    import os
+    from pathlib import Path
+
+    flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "").split()
+    return "avx512_bf16" in flags and os.environ.get("KVCHAT_NATIVE_MARCH", "native") == "native"
+
+
+@pytest.mark.parametrize("T", [1, 3, 31, 32, 33, 100, 260])
+@pytest.mark.parametrize("Hq,Hkv", [(9, 3), (4, 4), (8, 2)])
+def test_causal_attention_is_sdpa_to_bfloat16_rounding(T, Hq, Hkv):
+    """cpu_prefill.c against torch's causal SDPA in float32 on the same bfloat16 inputs: as close as torch's
+    own bfloat16 SDPA is (both round the probabilities and the output to bfloat16), on tails of the 4-query
+    tiles and 32-key steps. Where the CPU lacks AVX512-BF16 the kernel must say it is not there."""
+    q, k, v = _qkv_views(T, Hq, Hkv, seed=T)
+    if not _fast_prefill_expected():
+        assert not cpu.causal_attention_ok(q, k, v)
+        return
+    assert cpu.causal_attention_ok(q, k, v), cpu.status()
+    scale = 0.125
+    want = _sdpa_causal(q.float(), k.float(), v.float(), scale)
+    got = cpu.causal_attention(q, k, v, scale).float()
+    torch_bf16 = _sdpa_causal(q, k, v, scale).float()
+    close(got, want, torch.bfloat16)
+    assert (got - want).abs().mean() <= 1.25 * (torch_bf16 - want).abs().mean() + 1e-6
+
+
+def test_causal_attention_reads_no_key_after_a_query_and_every_key_up_to_it():
+    q, k, v = _qkv_views(70, 9, 3, seed=7)
+    if not _fast_prefill_expected():
+        assert not cpu.causal_attention_ok(q, k, v)
+        return
+    out = cpu.causal_attention(q, k, v, 0.125)
+    for c in (1, 33, 69):  # keys and values from position c on replaced: earlier outputs bit for bit the same
+        k2, v2 = k.clone(), v.clone()
+        k2[c:], v2[c:] = rand(70 - c, 3, 64, dtype=torch.bfloat16, seed=c), rand(70 - c, 3, 64, dtype=torch.bfloat16, seed=-c)
+        out2 = cpu.causal_attention(q, k2, v2, 0.125)
+        assert torch.equal(out2[:c], out[:c])
+        assert not torch.equal(out2[c], out[c])  # query c sees its own key
+
+
+def test_causal_attention_takes_only_what_it_computes():
+    q, k, v = _qkv_views(16, 9, 3, seed=3)
+    assert not cpu.causal_attention_ok(q.float(), k.float(), v.float())  # float32: torch's flash attention
+    q2 = rand(16, 9, 32, dtype=torch.bfloat16, seed=1)
+    k2 = rand(16, 3, 32, dtype=torch.bfloat16, seed=2)
+    assert not cpu.causal_attention_ok(q2, k2, k2)  # head size 32
+    assert not cpu.causal_attention_ok(q, k, v[:, :2])  # shapes differ
+
+
 def test_the_portable_paths_built_for_avx2_match_the_references_too(tmp_path):
     """This machine compiles the AVX-512 paths; the ones other CPUs run (plain C the compiler vectorizes)
     are built here for x86-64-v3 (AVX2) and run this file's op tests (the matmul stays torch's there)."""

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kvchat_kernels import cpu
+
 
 def causal_attention(q, k, v, scale, last_w=0):
     """A sequence's first chunk, straight from its K/V: q (T, H_q, D), k/v (T, H_kv, D).
@@ -20,9 +22,12 @@ def causal_attention(q, k, v, scale, last_w=0):
     Same contract as `prefill_attention` with an empty store: -> out (T, H_q, D), rows (H_q, w, T) | None."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                         v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
-                                         enable_gqa=True)[0].transpose(0, 1)
+    if q.device.type == "cpu" and cpu.causal_attention_ok(q, k, v):  # bfloat16 with AVX512-BF16: ~2x torch's
+        out = cpu.causal_attention(q, k, v, scale)
+    else:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                             v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
+                                             enable_gqa=True)[0].transpose(0, 1)
     if last_w <= 0:
         return out, None
     w = min(last_w, T)

@@ -1,5 +1,6 @@
 """kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c) and the
-bfloat16 causal attention of a prompt's first chunk (cpu_prefill.c), built once per machine into one
+bfloat16 causal attention of a prompt's first chunk (cpu_prefill.c) and D2O's eviction similarities
+(cpu_similar.c), built once per machine into one
 library, called through ctypes.
 
 A decode step on the CPU spent as long in small ops as in its matmuls (each ATen op a few microseconds
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_linear.c", _DIR / "cpu_attention.c", _DIR / "cpu_layer.c",
-            _DIR / "cpu_prefill.c"]  # one library; all include cpu_common.h
+            _DIR / "cpu_prefill.c", _DIR / "cpu_similar.c"]  # one library; all include cpu_common.h
 _HEADERS = [_DIR / "cpu_common.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -53,6 +54,8 @@ _SIGNATURES = {
     "kv_decode_layers": ([_P, _I, _P, _P], None),
     "kv_fast_prefill": ([], ctypes.c_int),
     "kv_prefill_attention": ([_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _F], None),
+    "kv_max_cosine_scratch": ([_I, _I, _I], _I),
+    "kv_max_cosine": ([_P, _P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int], None),
 }
 _why_not = ""
 _warned = False
@@ -150,7 +153,7 @@ def status() -> str:
         return f"torch ({_why_not})"
     if not enabled():
         return "torch (KVCHAT_NATIVE=0)"
-    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c, cpu_prefill.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
+    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c, cpu_prefill.c, cpu_similar.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -342,3 +345,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     _lib().kv_prefill_attention(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), out.data_ptr(),
                                 Hq * D, scratch.data_ptr(), T, Hq, Hkv, scale)
     return out
+
+
+# ---- D2O's similarities ------------------------------------------------------------------------------
+
+def max_cosine_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`max_cosine` takes these: the native ops on, CPU tensors of one dtype (float32 or bfloat16), both
+    (g, rows, D) contiguous with the same g and D <= 512, b not empty."""
+    return (enabled() and supports(a, b) and a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]
+            and a.shape[2] == b.shape[2] <= 512 and b.shape[1] > 0 and a.is_contiguous() and b.is_contiguous())
+
+
+def max_cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (g, E, D), b (g, C, D) -> (each row of a's highest cosine similarity with a row of b of its head,
+    float32 (g, E); that row, int64 (g, E)): (F.normalize(a) @ F.normalize(b).mT).max(-1) in float32,
+    without the (E, C) matrix (cpu_similar.c)."""
+    g, E, D = a.shape
+    C = b.shape[1]
+    best = torch.empty(g, E, dtype=torch.float32)
+    idx = torch.empty(g, E, dtype=torch.int64)
+    if E:
+        lib = _lib()
+        scratch = torch.empty(lib.kv_max_cosine_scratch(g, C, D), dtype=torch.uint8)
+        lib.kv_max_cosine(a.data_ptr(), b.data_ptr(), g, E, C, D, best.data_ptr(), idx.data_ptr(), scratch.data_ptr(),
+                          _DTYPES[a.dtype])
+    return best, idx

@@ -256,6 +256,57 @@ def test_causal_attention_takes_only_what_it_computes():
     assert not cpu.causal_attention_ok(q, k, v[:, :2])  # shapes differ
 
 
+def _max_cosine_ref(a, b):
+    return (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)).max(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g,E,C,D", [(1, 1, 1, 64), (3, 5, 17, 64), (3, 190, 1500, 64), (2, 33, 40, 128), (1, 7, 100, 48),
+                                     (2, 9, 31, 33), (3, 4, 16, 64), (1, 6, 32, 64)])
+def test_max_cosine_is_the_float32_reference(dtype, g, E, C, D):
+    """cpu_similar.c against float32 normalize-matmul-max on the same inputs, on tails of its 4-row tiles
+    and 16- and 32-row blocks, an odd head size (the bfloat16 pair path needs an even one) and a large
+    eviction: the same best similarity to float32 rounding, the same row wherever the runner-up is not
+    within that rounding."""
+    a, b = rand(g, E, D, dtype=dtype, seed=E), rand(g, C, D, dtype=dtype, seed=C)
+    b[:, C // 2] = 0  # a zero key: cosine 0 (F.normalize's epsilon), not NaN
+    assert cpu.max_cosine_ok(a, b), cpu.status()
+    best, idx = cpu.max_cosine(a, b)
+    want, want_idx = _max_cosine_ref(a, b)
+    assert best.dtype == torch.float32 and idx.dtype == torch.int64 and best.shape == idx.shape == (g, E)
+    assert (best - want).abs().max() <= 1e-6
+    u = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)
+    runner_up = u.topk(min(2, C), -1).values[..., -1]
+    clear = (want - runner_up) > 1e-6 if C > 1 else torch.ones_like(want, dtype=torch.bool)
+    assert torch.equal(idx[clear], want_idx[clear]) and clear.float().mean() > 0.9
+    assert (u.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - want).abs().max() <= 1e-6  # ties: a row as good
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_cosine_breaks_ties_to_the_first_row_as_torch_does(dtype):
+    """Rows 5, 10, 21 and 37 of b are one key (the same lane of the next 32-row step, the other 16-row half,
+    another lane); a row of a along it finds row 5, whatever its length."""
+    b = rand(1, 60, 64, dtype=dtype, seed=1)
+    for c in (10, 21, 37):
+        b[0, c] = b[0, 5]
+    a = torch.stack([b[0, 5] * 2, b[0, 5], rand(64, dtype=dtype, seed=2)])[None]
+    best, idx = cpu.max_cosine(a.contiguous(), b)
+    assert idx[0, :2].tolist() == [5, 5] and idx[0, :2].tolist() == _max_cosine_ref(a, b)[1][0, :2].tolist()
+    assert best[0, :2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_max_cosine_takes_only_what_it_computes():
+    a, b = rand(3, 4, 64, dtype=torch.float32, seed=1), rand(3, 9, 64, dtype=torch.float32, seed=2)
+    assert cpu.max_cosine_ok(a, b)
+    assert not cpu.max_cosine_ok(a, b.bfloat16())  # dtypes differ
+    assert not cpu.max_cosine_ok(a, b[:2])  # heads differ
+    assert not cpu.max_cosine_ok(a, b[:, :0])  # nothing to compare with
+    assert not cpu.max_cosine_ok(a, b.transpose(1, 2).contiguous().transpose(1, 2))  # not contiguous
+    assert not cpu.max_cosine_ok(a[0], b[0])  # no head dim
+    best, idx = cpu.max_cosine(a[:, :0].contiguous(), b)  # nothing evicted: empty answers
+    assert best.shape == idx.shape == (3, 0)
+
+
 def test_the_portable_paths_built_for_avx2_match_the_references_too(tmp_path):
     """This machine compiles the AVX-512 paths; the ones other CPUs run (plain C the compiler vectorizes)
     are built here for x86-64-v3 (AVX2) and run this file's op tests (the matmul stays torch's there)."""

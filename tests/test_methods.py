@@ -177,6 +177,23 @@ def test_d2o_merge_rows_are_the_rows_merge_changes():
     assert not merge_rows(kept_k, kept_v, ev_k, ev_v, tau=2.0)[0].numel()  # nothing passes: nothing changes
 
 
+def test_d2o_similarity_takes_the_native_kernel_with_the_references_answer(monkeypatch):
+    """A (heads, tokens, D) eviction on the CPU goes to cpu_similar.c and merges as the torch path does."""
+    from kvchat.methods import d2o
+    from kvchat_kernels import cpu
+
+    torch.manual_seed(1)
+    kept_k, kept_v = torch.randn(3, 40, 64).bfloat16(), torch.randn(3, 40, 64).bfloat16()
+    ev_k, ev_v = torch.randn(3, 9, 64).bfloat16(), torch.randn(3, 9, 64).bfloat16()
+    calls = []
+    native = cpu.max_cosine
+    monkeypatch.setattr(cpu, "max_cosine", lambda a, b: calls.append(a.shape) or native(a, b))
+    rows, rk, rv = merge_rows(kept_k, kept_v, ev_k, ev_v, tau=0.1)
+    assert calls == [(3, 9, 64)] and rows.numel() > 0
+    ref = merge_rows(kept_k, kept_v, ev_k, ev_v, tau=0.1, sim=d2o.max_similarity_ref(ev_k, kept_k))
+    assert torch.equal(rows, ref[0]) and torch.equal(rk, ref[1]) and torch.equal(rv, ref[2])
+
+
 # ---- on the tiny model --------------------------------------------------------------------------------
 KEEP_ALL = {
     "pyramid": lambda: PyramidInfer(decay=1.0, gen_compress=1.0, gen_decay=1.0),

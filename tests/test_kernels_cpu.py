@@ -295,6 +295,31 @@ def test_max_cosine_breaks_ties_to_the_first_row_as_torch_does(dtype):
     assert best[0, :2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 3, 17, 33])
+def test_max_cosine_finds_a_real_row_when_every_cosine_is_negative(dtype, C):
+    """Rows of a opposite to every row of b: the best is negative and its row one of b's, never the zero
+    padding past C (whose cosine, 0, would beat them all)."""
+    e0 = torch.zeros(64)
+    e0[0] = 1
+    b = (e0 + 0.1 * rand(2, C, 64, dtype=torch.float32, seed=C)).to(dtype)
+    a = (-e0).expand(2, 5, 64).to(dtype).contiguous()
+    best, idx = cpu.max_cosine(a, b)
+    want, want_idx = _max_cosine_ref(a, b)
+    assert (best < 0).all() and (idx < C).all() and (idx >= 0).all()
+    assert (best - want).abs().max() <= 1e-6 and torch.equal(idx, want_idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_cosine_ties_across_the_two_halves_of_a_step_go_to_the_first_row(dtype):
+    """Row 21 (second 16-row half of the first 32-row step) and row 37 (first half of the next) are one
+    key: 21 wins, as it would in torch."""
+    b = rand(1, 50, 64, dtype=dtype, seed=3)
+    b[0, 37] = b[0, 21]
+    a = b[:, 21:22].clone()
+    assert cpu.max_cosine(a, b)[1].item() == 21
+
+
 def test_max_cosine_takes_only_what_it_computes():
     a, b = rand(3, 4, 64, dtype=torch.float32, seed=1), rand(3, 9, 64, dtype=torch.float32, seed=2)
     assert cpu.max_cosine_ok(a, b)

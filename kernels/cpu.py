@@ -349,6 +349,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 # ---- D2O's similarities ------------------------------------------------------------------------------
 
+def max_cosine_ref(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (..., E, D), b (..., C, D) -> each row of a's highest cosine similarity with a row of b (float32
+    (..., E)) and that row (int64): normalize, matmul, max in float32."""
+    return (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)).max(-1)
+
+
 def max_cosine_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     """`max_cosine` takes these: the native ops on, CPU tensors of one dtype (float32 or bfloat16), both
     (g, rows, D) contiguous with the same g and D <= 512, b not empty."""
@@ -359,7 +365,7 @@ def max_cosine_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
 def max_cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a (g, E, D), b (g, C, D) -> (each row of a's highest cosine similarity with a row of b of its head,
     float32 (g, E); that row, int64 (g, E)): (F.normalize(a) @ F.normalize(b).mT).max(-1) in float32,
-    without the (E, C) matrix (cpu_similar.c)."""
+    without the (E, C) matrix (cpu_similar.c): `max_cosine_ref` to float32 rounding."""
     g, E, D = a.shape
     C = b.shape[1]
     best = torch.empty(g, E, dtype=torch.float32)

@@ -256,10 +256,6 @@ def test_causal_attention_takes_only_what_it_computes():
     assert not cpu.causal_attention_ok(q, k, v[:, :2])  # shapes differ
 
 
-def _max_cosine_ref(a, b):
-    return (F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)).max(-1)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g,E,C,D", [(1, 1, 1, 64), (3, 5, 17, 64), (3, 190, 1500, 64), (2, 33, 40, 128), (1, 7, 100, 48),
                                      (2, 9, 31, 33), (3, 4, 16, 64), (1, 6, 32, 64)])
@@ -272,7 +268,7 @@ def test_max_cosine_is_the_float32_reference(dtype, g, E, C, D):
     b[:, C // 2] = 0  # a zero key: cosine 0 (F.normalize's epsilon), not NaN
     assert cpu.max_cosine_ok(a, b), cpu.status()
     best, idx = cpu.max_cosine(a, b)
-    want, want_idx = _max_cosine_ref(a, b)
+    want, want_idx = cpu.max_cosine_ref(a, b)
     assert best.dtype == torch.float32 and idx.dtype == torch.int64 and best.shape == idx.shape == (g, E)
     assert (best - want).abs().max() <= 1e-6
     u = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)
@@ -291,7 +287,7 @@ def test_max_cosine_breaks_ties_to_the_first_row_as_torch_does(dtype):
         b[0, c] = b[0, 5]
     a = torch.stack([b[0, 5] * 2, b[0, 5], rand(64, dtype=dtype, seed=2)])[None]
     best, idx = cpu.max_cosine(a.contiguous(), b)
-    assert idx[0, :2].tolist() == [5, 5] and idx[0, :2].tolist() == _max_cosine_ref(a, b)[1][0, :2].tolist()
+    assert idx[0, :2].tolist() == [5, 5] and idx[0, :2].tolist() == cpu.max_cosine_ref(a, b)[1][0, :2].tolist()
     assert best[0, :2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
@@ -305,7 +301,7 @@ def test_max_cosine_finds_a_real_row_when_every_cosine_is_negative(dtype, C):
     b = (e0 + 0.1 * rand(2, C, 64, dtype=torch.float32, seed=C)).to(dtype)
     a = (-e0).expand(2, 5, 64).to(dtype).contiguous()
     best, idx = cpu.max_cosine(a, b)
-    want, want_idx = _max_cosine_ref(a, b)
+    want, want_idx = cpu.max_cosine_ref(a, b)
     assert (best < 0).all() and (idx < C).all() and (idx >= 0).all()
     assert (best - want).abs().max() <= 1e-6 and torch.equal(idx, want_idx)
 

@@ -179,7 +179,6 @@ def test_d2o_merge_rows_are_the_rows_merge_changes():
 
 def test_d2o_similarity_takes_the_native_kernel_with_the_references_answer(monkeypatch):
     """A (heads, tokens, D) eviction on the CPU goes to cpu_similar.c and merges as the torch path does."""
-    from kvchat.methods import d2o
     from kvchat_kernels import cpu
 
     torch.manual_seed(1)
@@ -190,7 +189,7 @@ def test_d2o_similarity_takes_the_native_kernel_with_the_references_answer(monke
     monkeypatch.setattr(cpu, "max_cosine", lambda a, b: calls.append(a.shape) or native(a, b))
     rows, rk, rv = merge_rows(kept_k, kept_v, ev_k, ev_v, tau=0.1)
     assert calls == [(3, 9, 64)] and rows.numel() > 0
-    ref = merge_rows(kept_k, kept_v, ev_k, ev_v, tau=0.1, sim=d2o.max_similarity_ref(ev_k, kept_k))
+    ref = merge_rows(kept_k, kept_v, ev_k, ev_v, tau=0.1, sim=cpu.max_cosine_ref(ev_k, kept_k))
     # The same rows; values to one bfloat16 rounding (exp of similarities equal to float32 rounding).
     assert torch.equal(rows, ref[0])
     for got, want in ((rk, ref[1]), (rv, ref[2])):

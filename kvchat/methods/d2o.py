@@ -40,7 +40,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kvchat_kernels import cpu
 from kvchat_kernels.store_ops import index_rows
@@ -70,16 +69,10 @@ def layer_budgets(sigma: list[float], n_tokens: int, ratio: float, min_budget: i
 def max_similarity(ev_k, kept_k) -> tuple[torch.Tensor, torch.Tensor]:
     """Each evicted key's highest cosine similarity with a kept key, and that key's index: ev_k (..., E, D),
     kept_k (..., C, D) -> (..., E) twice (leading dims: heads evicted together). On the CPU one native call
-    (kernels/cpu_similar.c: no (E, C) matrix; 3-10x torch's on bfloat16 keys), else `max_similarity_ref`."""
-    if ev_k.dim() == 3 and cpu.max_cosine_ok(ev_k, kept_k):
+    (kernels/cpu_similar.c: no (E, C) matrix; 3-10x torch's on bfloat16 keys), else its torch reference."""
+    if cpu.max_cosine_ok(ev_k, kept_k):
         return cpu.max_cosine(ev_k, kept_k)
-    return max_similarity_ref(ev_k, kept_k)
-
-
-def max_similarity_ref(ev_k, kept_k) -> tuple[torch.Tensor, torch.Tensor]:
-    """`max_similarity` in torch (float32), its test oracle."""
-    u = F.normalize(ev_k.float(), dim=-1) @ F.normalize(kept_k.float(), dim=-1).transpose(-1, -2)  # (..., E, C)
-    return u.max(-1)
+    return cpu.max_cosine_ref(ev_k, kept_k)
 
 
 def merge_rows(kept_k, kept_v, ev_k, ev_v, tau: float, sim=None):

@@ -1,7 +1,7 @@
 """kvchat's native CPU decode ops (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c) and the
 bfloat16 causal attention of a prompt's first chunk (cpu_prefill.c) and D2O's eviction similarities
-(cpu_similar.c), built once per machine into one
-library, called through ctypes.
+(cpu_similar.c) and in-place evictions on the paged store (cpu_evict.c, wrapped in kernels/cpu_evict.py),
+built once per machine into one library, called through ctypes.
 
 A decode step on the CPU spent as long in small ops as in its matmuls (each ATen op a few microseconds
 of dispatch for a few hundred bytes of work), and oneDNN's GEMV streamed the weights at ~15 GB/s of the
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / "cpu_ops.c", _DIR / "cpu_linear.c", _DIR / "cpu_attention.c", _DIR / "cpu_layer.c",
-            _DIR / "cpu_prefill.c", _DIR / "cpu_similar.c"]  # one library; all include cpu_common.h
+            _DIR / "cpu_prefill.c", _DIR / "cpu_similar.c", _DIR / "cpu_evict.c"]  # one library; all include cpu_common.h
 _HEADERS = [_DIR / "cpu_common.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -56,6 +56,9 @@ _SIGNATURES = {
     "kv_prefill_attention": ([_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _F], None),
     "kv_max_cosine_scratch": ([_I, _I, _I], _I),
     "kv_max_cosine": ([_P, _P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int], None),
+    "kv_paged_max_cosine_scratch": ([_I, _I, _I, _I, ctypes.c_int], _I),
+    "kv_paged_max_cosine": ([_P, _P] + [_I] * 6 + [_P] * 5 + [ctypes.c_int], None),
+    "kv_merge_compact": ([_P, _P, _I, _P] + [_I] * 6 + [_P] * 4 + [_F, _P, ctypes.c_int], None),
 }
 _why_not = ""
 _warned = False
@@ -153,7 +156,7 @@ def status() -> str:
         return f"torch ({_why_not})"
     if not enabled():
         return "torch (KVCHAT_NATIVE=0)"
-    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c, cpu_prefill.c, cpu_similar.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
+    return f"native (kernels/cpu_ops.c, cpu_linear.c, cpu_attention.c, cpu_layer.c, cpu_prefill.c, cpu_similar.c, cpu_evict.c){'; bfloat16 matmuls on AMX tiles' if amx() else ''}"
 
 
 def supports(*tensors: torch.Tensor) -> bool:

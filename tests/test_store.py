@@ -69,8 +69,15 @@ def test_read_heads_and_write_many_match_the_per_head_calls():
     for fn in (st.read_many, lambda *a: Format.read_many(st, *a)):  # one gather, and the per-head default
         got = fn(0, heads, idx)
         assert torch.equal(got.k, new.k) and torch.equal(got.pos, new.pos) and torch.equal(got.bias, new.bias)
+    # same_positions: one gather of the position pool, and the per-head default, agree.
+    same = lambda: (st.same_positions(0), Format.same_positions(st, 0))  # noqa: E731
+    assert same() == (False, False)  # write_many gave heads 0 and 2 other positions
+    st.write_many(0, torch.tensor([0, 2, 2]), torch.tensor([3, 9, 0]), Tokens(new.k, new.k, torch.tensor([53, 59, 50],
+                                                                               dtype=torch.int32), new.bias))
+    assert same() == (True, True)
     st.compact(0, [torch.arange(10), torch.arange(4), torch.arange(10)])
     assert st.read_heads(0) is None  # heads of different lengths: no stacked read
+    assert same() == (False, False)
 
 
 def test_trim_gives_storage_back_and_keeps_contents():
@@ -161,3 +168,4 @@ def test_a_sequences_bytes_do_not_depend_on_what_ran_before_it():
     fresh, after = short_after(0), short_after(64)
     assert fresh[0] == after[0]
     assert after[1] > fresh[1]  # the wider table is real memory, and the total holds it
+

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from kvchat_kernels import paged_decode_attention, prefill_attention
+from kvchat_kernels import cpu_evict, paged_decode_attention, prefill_attention
 from kvchat_kernels.prefill_attention import visible_limits
 from kvchat.cache.attention import causal_attention
-from kvchat.cache.format import Format, Tokens
+from kvchat.cache.format import Format, Merge, Tokens
 from kvchat.cache.pages import PagedPools
 
 
@@ -29,6 +29,7 @@ class DenseFormat(Format):
         self.pages = PagedPools(n_slots, n_kv, block_size, specs, device)
         self.host = self.pages.host
         self.native_layer = self.pages.native and sd == dtype
+        self.native_evict = self.native_layer and cpu_evict.ok(self.k, self.pages.table)
 
     # ---- pools the kernels read --------------------------------------------------------------------
     @property
@@ -87,6 +88,13 @@ class DenseFormat(Format):
             vals["bias"] = tokens.bias if tokens.bias is not None else torch.zeros(idx.numel(), device=self.device)
         self.pages.write_many(slot, heads, idx, vals)
 
+    def same_positions(self, slot: int) -> bool:
+        lens = self.host[slot]
+        if any(n != lens[0] for n in lens):
+            return False
+        pos = self.pages.read_heads(slot, names=("pos",))["pos"]  # (H, n): one gather of the slot's blocks
+        return bool((pos == pos[:1]).all())
+
     def positions(self, slot: int, head: int) -> torch.Tensor:
         return self.pages.read(slot, head, names=("pos",))["pos"]
 
@@ -96,8 +104,14 @@ class DenseFormat(Format):
             vals["bias"] = tokens.bias if tokens.bias is not None else torch.zeros(idx.numel(), device=self.device)
         self.pages.write(slot, head, idx, vals)
 
-    def compact(self, slot: int, keep: list[torch.Tensor]) -> None:
-        self.pages.compact(slot, keep)
+    def compact(self, slot: int, keep: list[torch.Tensor], merge: Merge | None = None) -> None:
+        if merge is None:
+            self.pages.compact(slot, keep)
+        else:  # every head keeps the same number: one native call merges and moves (kernels/cpu_evict.c)
+            self.pages.compact_native(slot, torch.stack(keep), merge.gone, merge.into, merge.w, merge.self_w)
+
+    def similar(self, slot: int, keep: torch.Tensor, gone: torch.Tensor):
+        return cpu_evict.paged_max_cosine(self.k, self.pages.table[slot], keep, gone)
 
     def check(self, slot: int) -> None:
         super().check(slot)

@@ -7,6 +7,7 @@ A format owns its pools and answers five things for the engine and the methods:
     attend_prefill(q, slot, q_pos, scale, last_w, fresh) -> (out, rows | None)
     attend_decode(q, slots, slots_t, scale, colsum) -> (out, colsum | None)
     read / write / compact                          tokens in storage order, per (slot, kv head)
+    similar / compact(slot, keep, merge)            an eviction with merges in place (`native_evict`)
     read_heads / read_many / write_many             the same for several heads of a slot at once
     seal(slots)                                     after the step's policies ran (tail formats)
     bytes_held() / bytes_held_slot(slot) / bytes_reserved()
@@ -41,6 +42,19 @@ class Tokens(NamedTuple):
         return Tokens(self.k[idx], self.v[idx], self.pos[idx], None if self.bias is None else self.bias[idx])
 
 
+class Merge(NamedTuple):
+    """Evicted tokens folded into kept ones as a compaction drops them (D2O), for formats with
+    `native_evict`: every head keeps C of its n tokens (keep (H, C)); gone (H, n - C) the others' storage
+    indices; into (H, n - C) the index into keep of the token each joins; w (H, n - C) float32 weights, 0 =
+    dropped unmerged. A kept token that something joins becomes (self_w x kept + sum w x joined) /
+    (self_w + sum w), keys and values alike; the others are unchanged."""
+
+    gone: torch.Tensor
+    into: torch.Tensor
+    w: torch.Tensor
+    self_w: float
+
+
 class Format:
     """Base class: what every format shares. Subclasses implement the storage and attention."""
 
@@ -57,6 +71,8 @@ class Format:
     # kernels/cpu_layer.c runs a whole decode layer on this format's store (DenseFormat: CPU pools in the
     # model's dtype); the others take the per-op path.
     native_layer = False
+    # `similar` and `compact(..., merge)` run natively on this format's store (DenseFormat on the CPU).
+    native_evict = False
 
     def seal(self, slots: list[int]) -> None:
         """Called once a step's policies have run: a format with a full-precision tail seals what is
@@ -76,6 +92,11 @@ class Format:
             new = new_pos(t.pos)
             idx = torch.arange(t.pos.numel(), device=self.device)
             self.write(slot, h, idx, t._replace(k=rotate(t.k, t.pos, new), pos=new.to(torch.int32)))
+
+    def similar(self, slot: int, keep: torch.Tensor, gone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where `native_evict`: keep (H, C), gone (H, E) storage indices -> each gone key's highest cosine
+        similarity with a kept key of its head (float32 (H, E)) and that key's index in keep (int64)."""
+        raise NotImplementedError(f"{self.name} has no native eviction")
 
     def read_heads(self, slot: int) -> "Tokens | None":
         """Every KV head's tokens stacked, k, v (H, n, D), pos and bias (H, n), when the heads hold the
@@ -104,6 +125,11 @@ class Format:
     def positions(self, slot: int, head: int) -> torch.Tensor:
         """`read(slot, head).pos`; a format that can read positions alone overrides it."""
         return self.read(slot, head).pos
+
+    def same_positions(self, slot: int) -> bool:
+        """Every KV head of `slot` holds the same positions (in storage order)."""
+        pos = [self.positions(slot, h) for h in range(self.n_kv)]
+        return all(torch.equal(p, pos[0]) for p in pos)
 
     def tokens_held(self, slot: int) -> list[int]:
         return list(self.host[slot])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kvchat.cache.dense import DenseFormat
-from kvchat.cache.format import Format, Tokens
+from kvchat.cache.format import Format, Merge, Tokens
 from kvchat.cache.stats import StepStats
 
 
@@ -85,14 +85,26 @@ class KVStore:
         """Overwrite tokens of several heads: token n is storage index idx[n] of KV head heads[n]."""
         self.layers[layer].write_many(slot, heads, idx, tokens)
 
-    def compact(self, layer: int, slot: int, keep: list[torch.Tensor]) -> None:
-        """Keep only `keep[h]` (sorted storage indices) of each KV head of (`layer`'s owner, `slot`)."""
+    def native_evict(self, layer: int) -> bool:
+        """`similar` and `compact` with a merge take `layer`'s format (DenseFormat on the CPU)."""
+        return self.layers[layer].native_evict
+
+    def similar(self, layer: int, slot: int, keep: torch.Tensor, gone: torch.Tensor):
+        """Where `native_evict`: each gone key's best cosine against the kept keys of its head, and its index."""
+        return self.layers[layer].similar(slot, keep, gone)
+
+    def compact(self, layer: int, slot: int, keep: list[torch.Tensor], merge: Merge | None = None) -> None:
+        """Keep only `keep[h]` (sorted storage indices) of each KV head of (`layer`'s owner, `slot`); `merge`
+        (formats with `native_evict`) folds the dropped tokens into kept ones first."""
         owner = self.owner(layer)
         keep = [k.long() for k in keep]
         before = list(self.layers[owner].host[slot])
         if all(int(k.numel()) == n for k, n in zip(keep, before)):
             return  # keeps everything (indices are sorted and unique): nothing moves
-        self.layers[owner].compact(slot, keep)
+        if merge is None:
+            self.layers[owner].compact(slot, keep)
+        else:
+            self.layers[owner].compact(slot, keep, merge)
         for l, st in self.stats.items():
             if self.owner(l) == owner:
                 st.remap(slot, keep)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from kvchat_kernels import choose_impl, cpu, store_gather, store_write
+from kvchat_kernels import choose_impl, cpu, cpu_evict, store_gather, store_write
 from kvchat_kernels.store_ops import index_rows
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # pool name -> (trailing shape, dtype)
@@ -278,6 +278,16 @@ class PagedPools:
         store_write(pools, *dst, store_gather(pools, *src))
         for h, idx in moved:
             self._release(slot, h, int(idx.numel()), self.host[slot][h])
+
+    def compact_native(self, slot: int, keep: torch.Tensor, gone: torch.Tensor, into=None, w=None,
+                       self_w: float = 1.0) -> None:
+        """`compact` of a slot whose heads all keep C (keep (H, C)) of the same n tokens (gone (H, n - C) the
+        others), in place in one native call; with `into` and `w`, the dropped tokens merge into kept ones
+        first (`cpu_evict.merge_compact`: the first two pools are the keys and values)."""
+        n, C = self.host[slot][0], keep.shape[1]
+        cpu_evict.merge_compact(list(self.pools.values()), self.table[slot], keep, gone, into, w, self_w)
+        for h in range(self.n_heads):
+            self._release(slot, h, C, n)
 
     def _release(self, slot: int, head: int, n: int, n_old: int) -> None:
         have, want = -(-n_old // self.bs), -(-n // self.bs)

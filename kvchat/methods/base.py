@@ -79,9 +79,7 @@ class DecodeCtx:
 def same_tokens(store, layer: int, slot: int) -> bool:
     """Every KV head of (layer, slot) holds the same positions: a policy may then score tokens once for
     the whole layer (another per-head policy may have made the heads differ)."""
-    heads = range(len(store.lengths(layer, slot)))
-    pos = [store.positions(layer, slot, h) for h in heads]
-    return all(torch.equal(p, pos[0]) for p in pos)
+    return store.format(layer).same_positions(slot)
 
 
 def per_layer(scores: torch.Tensor, store, layer: int, slot: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 
 from kvchat_kernels import cpu
 from kvchat_kernels.store_ops import index_rows
-from kvchat.cache.format import Tokens
+from kvchat.cache.format import Merge, Tokens
 from kvchat.methods.base import Method, PrefillCtx, neighbour_max, same_tokens
 
 
@@ -294,6 +294,9 @@ class D2O(Method):
         lens = list(store.lengths(layer, slot))
         if max(lens) <= budget:
             return
+        if self.merge and min(lens) == max(lens) and store.native_evict(layer):
+            self._evict_native(store, slot, layer, state, budget, lens)
+            return
         # Heads of equal length (the usual case) come in one read; their positions tell whether they hold
         # the same tokens.
         both = store.read_heads(layer, slot) if self.merge else None
@@ -337,3 +340,22 @@ class D2O(Method):
                 bias = None if toks.bias is None else toks.bias[head, src]
                 store.write_many(layer, slot, torch.tensor(heads)[head], idx,
                                  Tokens(k_new, v_new, toks.pos[head, src], bias))
+
+    def _evict_native(self, store, slot: int, layer: int, state: _SlotState, budget: int, lens: list[int]) -> None:
+        """`_evict` of heads of one length n > budget on a store that evicts natively (kernels/cpu_evict.c):
+        the similarities in one call, the merges and the compaction in another, in place. The same tokens,
+        threshold and bytes as the torch path above (tests/test_d2o_native.py), without its copies of the
+        layer: every head keeps `budget` tokens and drops n - budget."""
+        same = self.heads == "layer" and same_tokens(store, layer, slot)
+        keeps = self._keeps(self._row(layer, slot, 0), lens, budget, same)
+        keep = torch.stack(keeps)  # (H, C)
+        H, n = keep.shape[0], lens[0]
+        gone = torch.ones(H, n, dtype=torch.bool).scatter_(1, keep, False).nonzero()[:, 1].view(H, -1)
+        best, into = store.similar(layer, slot, keep, gone)
+        sim = best.mean(-1).mean().item()
+        tau = state.tau[layer]
+        state.tau[layer] = tau = sim if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sim
+        # The weights exp(u) of the tokens that merge (u >= tau), taken as the torch path takes them.
+        src = (best >= tau).view(-1).nonzero().squeeze(1)
+        w = torch.zeros(best.numel()).index_put_((src,), torch.exp(best.view(-1)[src])).view_as(best)
+        store.compact(layer, slot, keeps, Merge(gone, into, w, math.e))

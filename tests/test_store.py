@@ -169,3 +169,16 @@ def test_a_sequences_bytes_do_not_depend_on_what_ran_before_it():
     assert fresh[0] == after[0]
     assert after[1] > fresh[1]  # the wider table is real memory, and the total holds it
 
+
+def test_freed_blocks_are_handed_out_again_in_ascending_order():
+    """A compaction's freed run of blocks goes back so the next allocation takes it in address order: the
+    attention kernel reads a head's blocks twice as fast when they ascend (the prefetchers follow; measured
+    on descending tables: half the bandwidth), and D2O's prefill eviction of one slot feeds the next slot's
+    prefill from exactly those blocks."""
+    st = DenseFormat(n_slots=2, n_kv=2, head_dim=4, block_size=4, dtype=torch.float32, device=CPU)
+    st.append_chunk(0, None, torch.randn(40, 2, 4), torch.randn(40, 2, 4), torch.arange(40))
+    st.compact(0, [torch.arange(4)] * 2)  # each head frees 9 of its 10 blocks
+    st.append_chunk(1, None, torch.randn(36, 2, 4), torch.randn(36, 2, 4), torch.arange(36))
+    for h in range(2):
+        ids = st.pages.blocks[1][h]
+        assert len(ids) == 9 and ids == sorted(ids), ids

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from kvchat_kernels import cpu
+from kvchat.engine.arena import WEIGHT_SKEW, Arena
+from kvchat.engine.arena import enabled as arena_enabled
+from kvchat.engine.arena import trim as trim_heap
 
 
 class Norm:
@@ -86,8 +89,9 @@ class LayerWeights:
 class Weights:
     """Every layer's LayerWeights and the LM head, in one layout. `Weights.of(lm, max_slots)`."""
 
-    def __init__(self, layers: list[LayerWeights], lm_head: Linear, layout: str):
+    def __init__(self, layers: list[LayerWeights], lm_head: Linear, layout: str, arena: Arena | None = None):
         self.layers, self.lm_head, self.layout = layers, lm_head, layout
+        self.arena = arena  # the native weights' huge-page memory (None: where torch put them)
 
     @staticmethod
     def of(lm, max_slots: int = 1) -> "Weights":
@@ -135,9 +139,11 @@ def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
     return _PACK_OK[dtype]
 
 
-def _storage(w: torch.Tensor, layout: str) -> torch.Tensor:
+def _storage(w: torch.Tensor, layout: str, arena: Arena | None = None) -> torch.Tensor:
     """`w` (out, in) as the layout wants it: a view over (in, out) storage, packed, or row-major (rows,
-    native)."""
+    native; native weights go into `arena`, on huge pages, when there is one)."""
+    if arena is not None and layout == "native":
+        return arena.place(w.contiguous())
     if layout == "transposed":
         return w if w.stride(0) == 1 else w.t().contiguous().t()
     if layout == "packed":
@@ -145,7 +151,7 @@ def _storage(w: torch.Tensor, layout: str) -> torch.Tensor:
     return w.contiguous()
 
 
-def _fused(linears: list[torch.nn.Linear], layout: str) -> Linear:
+def _fused(linears: list[torch.nn.Linear], layout: str, arena: Arena | None = None) -> Linear:
     """One Linear over the concatenated weights of `linears` (and biases, if they all have one)."""
     w = torch.cat([m.weight.data for m in linears], dim=0)
     biases = [m.bias for m in linears]
@@ -155,7 +161,7 @@ def _fused(linears: list[torch.nn.Linear], layout: str) -> Linear:
         for m in linears:
             m.weight.data = torch.empty(0, dtype=w.dtype)
         return Linear(_storage(w, layout), b, True)
-    fused = _storage(w, layout)
+    fused = _storage(w, layout, arena)
     off = 0
     for m in linears:  # the HF modules keep views of the fused tensor: nothing is held twice
         n = m.weight.shape[0]
@@ -166,8 +172,8 @@ def _fused(linears: list[torch.nn.Linear], layout: str) -> Linear:
     return Linear(fused, b, native=layout == "native")
 
 
-def _single(linear: torch.nn.Linear, layout: str, copy: bool = False) -> Linear:
-    w = _storage(linear.weight.data, layout)
+def _single(linear: torch.nn.Linear, layout: str, copy: bool = False, arena: Arena | None = None) -> Linear:
+    w = _storage(linear.weight.data, layout, arena)
     if not copy:
         linear.weight.data = w if layout != "packed" else torch.empty(0, dtype=w.dtype)
     return Linear(w, linear.bias, layout == "packed", layout == "native")
@@ -195,21 +201,25 @@ class _QRows:
 
 
 def build(hf, layout: str) -> Weights:
+    # Native weights are copied in the order a decode step reads them into huge-page memory (engine/arena.py).
+    arena = Arena(skew=0 if cpu.amx() else WEIGHT_SKEW) if layout == "native" and arena_enabled() else None
     layers = []
     tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     for layer in hf.model.layers:
         a, mlp = layer.self_attn, layer.mlp
         n_q = a.q_proj.weight.shape[0]
-        qkv = _fused([a.q_proj, a.k_proj, a.v_proj], layout)
+        qkv = _fused([a.q_proj, a.k_proj, a.v_proj], layout, arena)
         layers.append(LayerWeights(
             in_norm=Norm(layer.input_layernorm), post_norm=Norm(layer.post_attention_layernorm), qkv=qkv,
             q=_QRows(qkv, n_q), q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
-            o=_single(a.o_proj, layout), gate_up=_fused([mlp.gate_proj, mlp.up_proj], layout),
-            down=_single(mlp.down_proj, layout), act=mlp.act_fn,
+            o=_single(a.o_proj, layout, arena=arena), gate_up=_fused([mlp.gate_proj, mlp.up_proj], layout, arena),
+            down=_single(mlp.down_proj, layout, arena=arena), act=mlp.act_fn,
         ))
     # A head tied to the embedding keeps its rows for lookups: packed, it is a copy.
-    head = _single(hf.lm_head, layout, copy=tied and layout == "packed")
-    w = Weights(layers, head, layout)
+    head = _single(hf.lm_head, layout, copy=tied and layout == "packed", arena=arena)
+    w = Weights(layers, head, layout, arena)
+    if arena is not None:
+        trim_heap()
     if layout == "packed":
         _restore_on_forward(hf, w, tied)
     return w

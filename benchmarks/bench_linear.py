@@ -7,8 +7,7 @@ placements:
 - kvchat's: the arena (kvchat/engine/arena.py), one huge-page-advised stream in read order, each weight
   `WEIGHT_SKEW` (32) bytes past a 64-byte boundary;
 - the same arena with every weight on the 64-byte grid;
-- separate torch allocations (64-byte aligned, 4 KiB pages: torch's huge pages are off in this
-  script), where the weights were before the arena.
+- separate torch allocations (64-byte aligned, 4 KiB pages), where the weights were before the arena.
 Rounds interleave the variants; each figure is the median over rounds of one pass over every weight, as
 ms and as GB/s of weight bytes. The outputs are checked equal across the variants.
 """
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["THP_MEM_ALLOC_ENABLE"] = "0"  # torch's own allocations in 4 KiB pages, as before the arena
+os.environ["THP_MEM_ALLOC_ENABLE"] = "0"  # torch's own allocations on 4 KiB pages, as kvchat leaves them
 import kvchat  # noqa: F401,E402  (before torch: sets GOMP_SPINCOUNT as the CLI does)
 import argparse
 import statistics

@@ -19,11 +19,4 @@ sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", 
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-# torch's own allocations of 2 MiB and more (the KV pools, a prefill's activations) on transparent huge
-# pages, as kvchat/engine/arena.py puts the weights: the decode attention reads the pools block by block
-# through the block tables, a TLB miss every 4 KiB page otherwise. Read by torch's allocator (c10) on its
-# first large allocation; KVCHAT_HUGEPAGES=0 or the user's own THP_MEM_ALLOC_ENABLE wins.
-if os.environ.get("KVCHAT_HUGEPAGES", "1") != "0":
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 __version__ = "0.1.0"

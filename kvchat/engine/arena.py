@@ -7,8 +7,8 @@ elsewhere the call fails and the chunks are ordinary memory). Each weight starts
 64-byte boundary (`WEIGHT_SKEW`): a 64-byte load then spans two cache lines and the next line is asked
 for half a step earlier. Measured with benchmarks/bench_linear.py on this project's 2-core EPYC (Zen 4/5
 class, AVX512-BF16, no AMX), the 30 layers and the head in bfloat16, variants interleaved: see the
-README's speed section; on 64-byte-aligned weights four rows ran ~40% slower than at +32 bytes. Where
-the CPU has AMX (tiles read 64-byte rows in place) the weights stay on the grid.
+README's speed section; on 64-byte-aligned weights four rows ran ~30% slower than at +32 bytes
+(12.9 vs 9.9 ms). Where the CPU has AMX (tiles read 64-byte rows in place) the weights stay on the grid.
 KVCHAT_HUGEPAGES=0 turns the arena off. Only the weights: torch's own huge pages for large allocations
 (THP_MEM_ALLOC_ENABLE=1, which would put the KV pools there too) made the paged decode attention slower
 here (30 layers x 4 x 3 heads x 4,096 tokens: 15.6-16.1 ms against 13.1-14.0 on 4 KiB pages), so
@@ -18,6 +18,7 @@ kvchat leaves torch's allocator as it is.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -33,10 +34,14 @@ def enabled() -> bool:
     return sys.platform.startswith("linux") and os.environ.get("KVCHAT_HUGEPAGES", "1") != "0"
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _advise(addr: int, n: int) -> bool:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(n), _MADV_HUGEPAGE) == 0
+        return _libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(n), _MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):
         return False
 
@@ -45,7 +50,7 @@ def trim() -> None:
     """Give the heap's free memory back to Linux (glibc's malloc_trim): the weights' old copies, freed once
     they are in the arena, sit in the heap otherwise (~100 MB of RSS for the embedded model)."""
     try:
-        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
+        _libc().malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError):  # not glibc
         pass
 

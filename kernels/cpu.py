@@ -58,7 +58,7 @@ _SIGNATURES = {
     "kv_max_cosine": ([_P, _P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int], None),
     "kv_paged_max_cosine_scratch": ([_I, _I, _I, _I, ctypes.c_int], _I),
     "kv_paged_max_cosine": ([_P, _P] + [_I] * 6 + [_P] * 5 + [ctypes.c_int], None),
-    "kv_merge_compact": ([_P, _P, _I, _P] + [_I] * 6 + [_P] * 4 + [_F, _P, ctypes.c_int], None),
+    "kv_merge_compact": ([_P, _P, _I, _P] + [_I] * 6 + [_P] * 4 + [_F, _P, _P, ctypes.c_int], None),
 }
 _why_not = ""
 _warned = False

@@ -49,14 +49,16 @@ void kv_paged_max_cosine(const void *k_pool, const int32_t *table, int64_t MB, i
 /* pools[p] (n_blocks, bs, row_bytes[p] bytes a row), pools[0] and pools[1] the keys and values (D elements of
  * dtype dt). Per head h: every evicted token j (storage index gone[h, j]) with w[h, j] > 0 merges into kept
  * token into[h, j] (storage index keep[h, into[h, j]]); then kept token c moves to storage index c in every
- * pool (keep sorted: a row only ever moves down, over rows already moved or dropped). scratch: C x (2D + 2)
- * floats. */
+ * pool (keep sorted: a row only ever moves down, over rows already moved or dropped). A kept token's own weight
+ * is self_ws[h] when self_ws is given (RazorAttention: the count its compensation token stands for), else
+ * self_w. scratch: C x (2D + 2) floats. */
 void kv_merge_compact(void **pools, const int64_t *row_bytes, int64_t n_pools, const int32_t *table, int64_t MB,
                       int64_t bs, int64_t H, int64_t C, int64_t E, int64_t D, const int64_t *keep, const int64_t *gone,
-                      const int64_t *into, const float *w, float self_w, float *scratch, int dt) {
+                      const int64_t *into, const float *w, float self_w, const float *self_ws, float *scratch, int dt) {
     float *nk = scratch, *nv = nk + C * D, *den = nv + C * D, *hit = den + C;
     for (int64_t h = 0; h < H; h++) {
         const int64_t *kp = keep + h * C;
+        const float sw = self_ws != NULL ? self_ws[h] : self_w;
         if (w != NULL) {
             for (int64_t c = 0; c < C; c++) hit[c] = 0.f;
             for (int64_t j = 0; j < E; j++) {
@@ -67,8 +69,8 @@ void kv_merge_compact(void **pools, const int64_t *row_bytes, int64_t n_pools, c
                 if (hit[c] == 0.f) {
                     const void *rk = row_at(pools[0], table, MB, bs, row_bytes[0], h, kp[c]);
                     const void *rv = row_at(pools[1], table, MB, bs, row_bytes[1], h, kp[c]);
-                    for (int64_t d = 0; d < D; d++) ak[d] = self_w * ld(rk, d, dt), av[d] = self_w * ld(rv, d, dt);
-                    den[c] = self_w;
+                    for (int64_t d = 0; d < D; d++) ak[d] = sw * ld(rk, d, dt), av[d] = sw * ld(rv, d, dt);
+                    den[c] = sw;
                     hit[c] = 1.f;
                 }
                 const void *ek = row_at(pools[0], table, MB, bs, row_bytes[0], h, gone[h * E + j]);

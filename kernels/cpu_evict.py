@@ -52,10 +52,12 @@ def paged_max_cosine(k_pool: torch.Tensor, table: torch.Tensor, keep: torch.Tens
 
 
 def merge_compact(pools: list[torch.Tensor], table: torch.Tensor, keep: torch.Tensor, gone: torch.Tensor,
-                  into: torch.Tensor | None = None, w: torch.Tensor | None = None, self_w: float = 1.0) -> None:
+                  into: torch.Tensor | None = None, w: torch.Tensor | None = None,
+                  self_w: float | torch.Tensor = 1.0) -> None:
     """pools: contiguous (n_blocks, bs, ...) tensors, the keys and values first (`ok`); table (H, MB);
-    keep (H, C) sorted, gone (H, E) the rest of each head's n = C + E tokens; into (H, E) indices into keep,
-    w (H, E) float32 (0: dropped unmerged); w None: a compaction without merges."""
+    keep (H, C) sorted, gone (H, E) the evicted tokens (entries with w 0 are not read: a head evicting fewer
+    can pad); into (H, E) indices into keep, w (H, E) float32 (0: dropped unmerged); w None: a compaction
+    without merges. self_w: a kept token's own weight, one for all heads or (H,) one per head."""
     H, C = keep.shape
     E, D = gone.shape[1], pools[0].shape[2]
     assert all(p.is_contiguous() and p.shape[:2] == pools[0].shape[:2] for p in pools)
@@ -63,10 +65,13 @@ def merge_compact(pools: list[torch.Tensor], table: torch.Tensor, keep: torch.Te
     keep, gone, table = _idx(keep), _idx(gone), table.contiguous()
     into = None if w is None else _idx(into)
     w = None if w is None else w.to(torch.float32).contiguous()
+    per_head = isinstance(self_w, torch.Tensor)
+    self_ws = self_w.to(torch.float32).contiguous() if per_head else None
     ptrs = (ctypes.c_void_p * len(pools))(*[p.data_ptr() for p in pools])
     row_bytes = (ctypes.c_int64 * len(pools))(*[p[0, 0].numel() * p.element_size() for p in pools])
     scratch = torch.empty(C * (2 * D + 2), dtype=torch.float32)
     cpu._lib().kv_merge_compact(ptrs, row_bytes, len(pools), table.data_ptr(), table.shape[1], pools[0].shape[1], H,
                                 C, E, D, keep.data_ptr(), gone.data_ptr(), None if w is None else into.data_ptr(),
-                                None if w is None else w.data_ptr(), self_w, scratch.data_ptr(),
+                                None if w is None else w.data_ptr(), 0.0 if per_head else self_w,
+                                None if self_ws is None else self_ws.data_ptr(), scratch.data_ptr(),
                                 cpu._DTYPES[pools[0].dtype])

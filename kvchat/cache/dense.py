@@ -107,8 +107,10 @@ class DenseFormat(Format):
     def compact(self, slot: int, keep: list[torch.Tensor], merge: Merge | None = None) -> None:
         if merge is None:
             self.pages.compact(slot, keep)
-        else:  # every head keeps the same number: one native call merges and moves (kernels/cpu_evict.c)
-            self.pages.compact_native(slot, torch.stack(keep), merge.gone, merge.into, merge.w, merge.self_w)
+        else:  # every (merged) head keeps the same number: one native call merges and moves (kernels/cpu_evict.c)
+            heads = merge.heads
+            rows = keep if heads is None else [keep[h] for h in heads]
+            self.pages.compact_native(slot, torch.stack(rows), merge.gone, merge.into, merge.w, merge.self_w, heads)
 
     def similar(self, slot: int, keep: torch.Tensor, gone: torch.Tensor):
         return cpu_evict.paged_max_cosine(self.k, self.pages.table[slot], keep, gone)

@@ -47,12 +47,15 @@ class Merge(NamedTuple):
     `native_evict`: every head keeps C of its n tokens (keep (H, C)); gone (H, n - C) the others' storage
     indices; into (H, n - C) the index into keep of the token each joins; w (H, n - C) float32 weights, 0 =
     dropped unmerged. A kept token that something joins becomes (self_w x kept + sum w x joined) /
-    (self_w + sum w), keys and values alike; the others are unchanged."""
+    (self_w + sum w), keys and values alike; the others are unchanged. self_w: one weight, or (H,) one per
+    head. `heads`: the merge covers these KV heads only (keep, gone, into, w and a per-head self_w have a
+    row per listed head; the compaction's keep lists still name every head, the others keeping all)."""
 
     gone: torch.Tensor
     into: torch.Tensor
     w: torch.Tensor
-    self_w: float
+    self_w: float | torch.Tensor
+    heads: list[int] | None = None
 
 
 class Format:

@@ -280,14 +280,15 @@ class PagedPools:
             self._release(slot, h, int(idx.numel()), self.host[slot][h])
 
     def compact_native(self, slot: int, keep: torch.Tensor, gone: torch.Tensor, into=None, w=None,
-                       self_w: float = 1.0) -> None:
-        """`compact` of a slot whose heads all keep C (keep (H, C)) of the same n tokens (gone (H, n - C) the
-        others), in place in one native call; with `into` and `w`, the dropped tokens merge into kept ones
-        first (`cpu_evict.merge_compact`: the first two pools are the keys and values)."""
-        n, C = self.host[slot][0], keep.shape[1]
-        cpu_evict.merge_compact(list(self.pools.values()), self.table[slot], keep, gone, into, w, self_w)
-        for h in range(self.n_heads):
-            self._release(slot, h, C, n)
+                       self_w: float | torch.Tensor = 1.0, heads: list[int] | None = None) -> None:
+        """`compact` of a slot whose heads (or `heads` alone) all keep C tokens (keep (H, C)), gone (H, E) the
+        dropped ones, in place in one native call; with `into` and `w`, the dropped tokens merge into kept
+        ones first (`cpu_evict.merge_compact`: the first two pools are the keys and values)."""
+        C = keep.shape[1]
+        table = self.table[slot] if heads is None else self.table[slot][heads]
+        cpu_evict.merge_compact(list(self.pools.values()), table, keep, gone, into, w, self_w)
+        for h in range(self.n_heads) if heads is None else heads:
+            self._release(slot, h, C, self.host[slot][h])
 
     def _release(self, slot: int, head: int, n: int, n_old: int) -> None:
         have, want = -(-n_old // self.bs), -(-n // self.bs)

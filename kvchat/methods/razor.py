@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvchat.cache.format import Tokens
+from kvchat.cache.format import Merge, Tokens
 from kvchat.calibration.cache import cache_path, read_json, write_json
 from kvchat.calibration.razor import retrieval_heads, score_heads
 from kvchat.errors import KvchatError
@@ -63,6 +63,7 @@ class RazorAttention(Method):
         self._window: dict[int, int] = {}  # slot -> W
         self._count: dict[int, torch.Tensor] = {}  # slot -> (L, H_kv) tokens folded into the comp token
         self._comp: dict[int, list[list[int]]] = {}  # slot -> [layer][head] storage index of the comp token, -1 none
+        self._wait: dict[int, list[int]] = {}  # slot -> [layer] decode steps before a head can pass its fold limit
 
     # ---- calibration -------------------------------------------------------------------------------
     def calib_params(self) -> dict:
@@ -111,6 +112,7 @@ class RazorAttention(Method):
 
     def after_prefill(self, store, slot: int) -> None:
         self._window[slot] = max(self.recent, int(self.window_ratio * store.seen[slot]))
+        self._wait[slot] = [0] * self.desc.n_layers  # the next decode step checks every layer
         self._fold_all(store, [slot], decode=False)
 
     def after_decode(self, store, slots) -> None:
@@ -129,10 +131,14 @@ class RazorAttention(Method):
                     self._count[slot][layer, h] = 0
 
     def on_free(self, slot: int) -> None:
-        for d in (self._window, self._count, self._comp):
+        for d in (self._window, self._count, self._comp, self._wait):
             d.pop(slot, None)
 
     def _fold_all(self, store, slots, decode: bool) -> None:
+        """Fold every (layer, slot) whose non-retrieval heads passed their limit. In decode a head grows by
+        at most one token a step, so a layer whose longest such head is m tokens under the limit is not
+        looked at again for m steps (`_wait`): the same folds at the same steps, without reading every
+        layer's lengths every step."""
         for layer in store.owned_layers():
             if not self._folding[layer]:
                 continue
@@ -141,9 +147,16 @@ class RazorAttention(Method):
                 W = self._window.get(slot)
                 if W is None:
                     continue
+                wait = self._wait[slot]
+                if decode and wait[layer] > 0:
+                    wait[layer] -= 1
+                    continue
                 limit = self.sink + 1 + W + (max(store.block_size, int(self.slack * W)) if decode else 0)
                 if any(n > limit and not r for n, r in zip(store.lengths(layer, slot), retrieval)):
                     self._fold(store, slot, layer)
+                if decode:
+                    longest = max(n for n, r in zip(store.lengths(layer, slot), retrieval) if not r)
+                    wait[layer] = limit - longest
 
     def _fold(self, store, slot: int, layer: int) -> None:
         """Move each non-retrieval head's tokens older than the window into its compensation token.
@@ -164,6 +177,9 @@ class RazorAttention(Method):
             folds.append((h, c, base, drop))
             head = base if c >= 0 else base + 1  # the comp token, or the first dropped token as its placeholder
             keeps.append(torch.cat([torch.arange(head), torch.arange(n - W, n)]))
+        if folds and store.native_evict(layer) and len({int(keeps[h].numel()) for h, *_ in folds}) == 1:
+            self._fold_native(store, slot, layer, lens, keeps, folds)
+            return
         new = self._compensation(store, layer, slot, folds, count) if folds else None
         for h, _, _, drop in folds:
             count[h] += drop
@@ -173,6 +189,37 @@ class RazorAttention(Method):
             for h in heads:
                 comps[h] = int(keeps[h].numel() - min(W, lens[h]) - 1)
             store.write_many(layer, slot, torch.tensor(heads), torch.tensor([comps[h] for h in heads]), new)
+
+    def _fold_native(self, store, slot: int, layer: int, lens: list[int], keeps: list[torch.Tensor], folds) -> None:
+        """`_fold` on a store that merges in place (kernels/cpu_evict.c), the folded heads keeping the same
+        number of tokens: each head's dropped tokens merge into its compensation token (weighing the count
+        it stands for) or, on a first fold, into the first dropped token kept as its placeholder, as the
+        compaction moves the window down. The same bytes as `_compensation` and the write after the
+        compaction (tests/test_razor_native.py), without reading the dropped tokens out and back."""
+        W, count, comps = self._window[slot], self._count[slot][layer], self._comp[slot][layer]
+        heads = [h for h, *_ in folds]
+        at = [c if c >= 0 else base for _, c, base, _ in folds]  # the token each head's fold merges into
+        first = [a + 1 for a in at]  # its first merging token
+        E = max(lens[h] - W - f for h, f in zip(heads, first))
+        gone = torch.zeros(len(folds), E, dtype=torch.int64)
+        w = torch.zeros(len(folds), E)
+        for i, (h, f) in enumerate(zip(heads, first)):
+            m = lens[h] - W - f
+            gone[i, :m] = torch.arange(f, f + m)
+            w[i, :m] = 1.0
+        n_old = [float(count[h]) if c >= 0 else 0.0 for h, c, *_ in folds]
+        self_w = torch.tensor([n if c >= 0 else 1.0 for n, (_, c, *_) in zip(n_old, folds)])
+        n_t = torch.tensor([n + drop for n, (*_, drop) in zip(n_old, folds)])
+        # The merged token's position is its newest dropped token's, its logit bias ln(count) (Eq. 5).
+        heads_t, at_t = torch.tensor(heads), torch.tensor(at)
+        t = store.read_many(layer, slot, torch.cat([heads_t, heads_t]),
+                            torch.cat([at_t, torch.tensor([lens[h] - W - 1 for h in heads])]))
+        k = len(heads)
+        store.write_many(layer, slot, heads_t, at_t, Tokens(t.k[:k], t.v[:k], t.pos[k:], torch.log(n_t).float()))
+        store.compact(layer, slot, keeps, Merge(gone, at_t.view(-1, 1).expand(-1, E), w, self_w, heads))
+        for h, a, (*_, drop) in zip(heads, at, folds):
+            count[h] += drop
+            comps[h] = a
 
     def _compensation(self, store, layer, slot, folds, count) -> Tokens:
         """The compensation token of each fold (head h, comp token c or -1, base, drop) after folding

@@ -150,3 +150,38 @@ def test_native_eviction_generates_what_the_torch_path_does(dtype, heads, monkey
         for key in la:
             for x, y in zip(la[key], lb[key]):
                 assert (x is None and y is None) or torch.equal(x, y), key
+
+
+def test_scores_survive_the_buffer_growing_in_decode(monkeypatch):
+    """`on_append` grows a layer's score buffer (every slot's row) when decode passes its capacity: the
+    scores and tokens are those of a run whose buffer never had to grow."""
+    lm = tiny(torch.float32)
+
+    def run(room: int):
+        with monkeypatch.context() as m:
+            if room:
+                fn = D2O._row
+                m.setattr(D2O, "_row", lambda self, layer, slot, top, n_slots=None:
+                          fn(self, layer, slot, top + room if layer not in self._scores else top, n_slots))
+            eng = Engine(lm, Profile("t", methods=[D2O(min_budget=10**9)]), block_size=16, max_slots=2)
+            method = eng.methods[0]  # nothing evicted: every token's score accumulates
+            seqs = [eng.start(Request(str(i), list(range(2 + i, 22 + 9 * i)), SamplingParams(max_new_tokens=70)))
+                    for i in range(2)]
+            while any(s.finish is None for s in seqs):
+                eng.step([s for s in seqs if s.finish is None])
+            scored = [layer for layer in method._scores if method._slots[0].n[layer] is not None]  # not the edges
+            caps = {layer: method._scores[layer].shape[2] for layer in scored}
+            scores = {layer: [method._row(layer, s, 0)[:, : max(method._slots[s].n[layer])].clone() for s in range(2)]
+                      for layer in scored}
+            return [eng.result(s).token_ids for s in seqs], scores, caps
+
+    toks, scores, caps = run(0)
+    want_toks, want, want_caps = run(1000)
+    longest = max(s.shape[1] for v in scores.values() for s in v)
+    # the buffer was made at 20 + 32 tokens: one run grew it in decode, the other had room from the start
+    assert longest > 52 and all(longest <= caps[layer] < 1000 < want_caps[layer] for layer in caps)
+    assert toks == want_toks and scores.keys() == want.keys() and scores
+    for layer in scores:
+        for got, ref in zip(scores[layer], want[layer]):
+            assert got.shape == ref.shape and torch.equal(got, ref), layer
+            assert (got > 0).all()  # every token, the grown part's included, received attention

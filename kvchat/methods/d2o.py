@@ -224,11 +224,14 @@ class D2O(Method):
         return self._scores.get(layer) if self.decode_colsum(layer) else None
 
     def on_append(self, layer: int, slots, n: int) -> None:
+        top = 0  # every layer, every decode step: host arithmetic, the buffer touched only to grow it
         for slot in slots:
             state = self._slots.get(slot)
             if state is not None and state.n[layer] is not None:
-                state.n[layer] = [k + n for k in state.n[layer]]
-                self._row(layer, slot, max(state.n[layer]))  # new tokens start at 0
+                lens = state.n[layer] = [k + n for k in state.n[layer]]
+                top = max(top, *lens)
+        if top and top > self._scores[layer].shape[2]:  # scored slots made the buffer at prefill
+            self._row(layer, slots[0], top)  # grown for every slot; new tokens start at 0
 
     def decode_barrier(self, layer: int) -> bool:
         return False  # the hook scores and evicts this layer's own tokens only
@@ -238,15 +241,15 @@ class D2O(Method):
         if not self.decode_colsum(layer) or not ctx.store.owns(layer):
             return
         # The step's column sums are in the scores already (`decode_colsum_into`).
+        bs = ctx.store.block_size
         for slot in ctx.slots:
-            if slot not in self._slots or self._slots[slot].n[layer] is None:
+            state = self._slots.get(slot)
+            if state is None or state.n[layer] is None:
                 continue
-            state = self._slots[slot]
-            n = max(state.n[layer])
             # Amortized: let `slack` pile up, then evict it in one compaction.
             budget = state.budgets[layer]
-            if n >= budget + max(ctx.store.block_size, int(self.slack * budget)):
-                self._evict(ctx.store, slot, layer, state, state.budgets[layer])
+            if max(state.n[layer]) >= budget + max(bs, int(self.slack * budget)):
+                self._evict(ctx.store, slot, layer, state, budget)
 
     # ---- per-token state follows every compaction --------------------------------------------------
     def on_compact(self, layer, slot, keep, before) -> None:

@@ -75,6 +75,20 @@ def tiny_model(arch: str, seed: int = 0, layers: int = 3):
     return LoadedModel(hf=hf, tokenizer=ToyTokenizer(), desc=describe(hf, f"tiny-{arch}"), eos_ids=frozenset())
 
 
+def tiny_llama(dtype: torch.dtype = torch.float32):
+    """A 6-layer Llama of random weights (hidden 128, 4 query and 2 KV heads of 64, vocab 256) in `dtype`:
+    the native evictions' end-to-end tests, which need head size 64 and enough layers to compress."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvchat.model import LoadedModel, describe
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    hf = LlamaForCausalLM(cfg).eval().to(dtype)
+    return LoadedModel(hf=hf, tokenizer=ToyTokenizer(), desc=describe(hf, "tiny-llama"), eos_ids=frozenset())
+
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
 

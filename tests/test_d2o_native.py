@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_llama
 from kvchat_kernels import cpu, cpu_evict
 from kvchat_kernels.store_ops import index_rows
 from kvchat.cache.pages import PagedPools
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.d2o import D2O, merge_rows
-from kvchat.model import LoadedModel, describe
 from kvchat.profiles import Profile
 
 pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="the native CPU ops are not built here")
@@ -100,23 +100,6 @@ def test_merge_compact_without_merges_is_the_stores_compaction():
         assert torch.equal(a.pools[name], b.pools[name]), name
 
 
-class StubTokenizer:
-    bos_token_id = 1
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-def tiny(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    hf = LlamaForCausalLM(cfg).eval().to(dtype)
-    return LoadedModel(hf=hf, tokenizer=StubTokenizer(), desc=describe(hf, "tiny-llama"), eos_ids=frozenset())
-
-
 def generate(lm, method, native, monkeypatch, n=60):
     """Two slots of different prompts decode n tokens; -> (tokens, the store's layers, thresholds, native calls)."""
     calls = []
@@ -140,7 +123,7 @@ def generate(lm, method, native, monkeypatch, n=60):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", ["layer", "kv"])
 def test_native_eviction_generates_what_the_torch_path_does(dtype, heads, monkeypatch):
-    lm = tiny(dtype)
+    lm = tiny_llama(dtype)
     method = dict(ratio=0.3, min_budget=32, heads=heads, pool=3 if heads == "layer" else 1, slack=0.1)
     a = generate(lm, D2O(**method), True, monkeypatch)
     b = generate(lm, D2O(**method), False, monkeypatch)
@@ -155,7 +138,7 @@ def test_native_eviction_generates_what_the_torch_path_does(dtype, heads, monkey
 def test_scores_survive_the_buffer_growing_in_decode(monkeypatch):
     """`on_append` grows a layer's score buffer (every slot's row) when decode passes its capacity: the
     scores and tokens are those of a run whose buffer never had to grow."""
-    lm = tiny(torch.float32)
+    lm = tiny_llama(torch.float32)
 
     def run(room: int):
         with monkeypatch.context() as m:

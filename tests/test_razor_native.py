@@ -7,30 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_llama
 from kvchat_kernels import cpu, cpu_evict
 from kvchat.engine import Engine, Request, SamplingParams
 from kvchat.methods.razor import RazorAttention
-from kvchat.model import LoadedModel, describe
 from kvchat.profiles import Profile
 
 pytestmark = pytest.mark.skipif(not cpu.enabled(), reason="the native CPU ops are not built here")
-
-
-class StubTokenizer:
-    bos_token_id = 1
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-def tiny(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    hf = LlamaForCausalLM(cfg).eval().to(dtype)
-    return LoadedModel(hf=hf, tokenizer=StubTokenizer(), desc=describe(hf, "tiny-llama"), eos_ids=frozenset())
 
 
 @pytest.fixture
@@ -84,7 +67,7 @@ def generate(lm, native: bool, monkeypatch, check_every_step=False, n=70):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_fold_generates_and_stores_what_the_torch_path_does(dtype, home, monkeypatch):
-    lm = tiny(dtype)
+    lm = tiny_llama(dtype)
     a = generate(lm, True, monkeypatch)
     b = generate(lm, False, monkeypatch)
     assert len(a[2]) > 20 and not b[2]  # folds ran natively (prefill, decode, the second turn); never on torch
@@ -96,7 +79,7 @@ def test_native_fold_generates_and_stores_what_the_torch_path_does(dtype, home, 
 
 
 def test_fold_schedule_folds_what_checking_every_step_folds(home, monkeypatch):
-    lm = tiny(torch.float32)
+    lm = tiny_llama(torch.float32)
     a = generate(lm, True, monkeypatch)
     b = generate(lm, True, monkeypatch, check_every_step=True)
     decode_folds = [f for f in a[3] if f[0] > 450]  # past the two prompts' prefills

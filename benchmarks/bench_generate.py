@@ -203,6 +203,9 @@ def main():
     vectors = a.vectors and cpu.amx()
     if vectors:
         names.append("vectors")
+    elif a.vectors:
+        print("--vectors: this CPU has no AMX tiles, so `full` already runs its bfloat16 matmuls on vectors: "
+              "no 'vectors' row", file=sys.stderr)
     warm = prompts(lm.tokenizer, 64, 1)
     for p in profiles.values():
         bench_kvchat(lm, p, warm, 4)

@@ -83,12 +83,26 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def build_flags() -> list[str]:
+    """The compiler flags of the library (benchmarks/bench_native_ab.py builds other sources with them)."""
+    # KVCHAT_NATIVE_MARCH: another target than this CPU (tests build the AVX2 paths on an AVX-512 machine)
+    march = os.environ.get("KVCHAT_NATIVE_MARCH", "native")
+    return ["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """A loaded library's functions typed as this module calls them."""
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    lib.kv_set_amx(int(os.environ.get("KVCHAT_AMX", "1") != "0"))
+    return lib
+
+
 def _build(cc: str) -> Path:
     """The shared library for this source, compiler and CPU, built if it is not there yet."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    # KVCHAT_NATIVE_MARCH: another target than this CPU (tests build the AVX2 paths on an AVX-512 machine)
-    march = os.environ.get("KVCHAT_NATIVE_MARCH", "native")
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+    flags = build_flags()
     texts = [f.read_text() for f in _SOURCES + _HEADERS]
     key = hashlib.sha256("\0".join([*texts, version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()
     out = _build_dir() / f"cpu_ops-{key[:16]}.so"
@@ -122,11 +136,7 @@ def _lib():
     except Exception as e:  # a compiler that cannot build it: the torch path, with the reason kept
         _why_not = f"build failed: {e}"
         return None
-    for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    lib.kv_set_amx(int(os.environ.get("KVCHAT_AMX", "1") != "0"))
-    return lib
+    return bind(lib)
 
 
 def available() -> bool:

@@ -268,10 +268,11 @@ static __attribute__((noinline)) void group_sum_add(float *p, float *c, int64_t 
  * running max, sum and unnormalized output; a second pass merges a head's splits by log-sum-exp.
  * probs (B, Hq, T) float32 scratch, T = n_tab * bs (n_tab >= every head's block count); with `want_probs`
  * it holds each query head's probabilities (zeros past the head's length) before colsum (when not NULL)
- * gets their sums over each KV head's G query heads (with cs_rows, summed in place in a group's first row): written to colsum (B, Hkv, T) when cs_rows is NULL,
+ * gets their sums over each KV head's G query heads: written to colsum (B, Hkv, T) when cs_rows is NULL,
  * else added into a running buffer (n, Hkv, cs_cap) at row cs_rows[b] for slot b, tokens t < min(its
- * length, cs_cap) (exactly what adding the (B, Hkv, T) sums to those rows does: they are 0 past it). part: (B * Hkv * splits * G * (D + 2)) float32 scratch. Float32 throughout; the output is
- * rounded once. An empty head outputs zeros. */
+ * length, cs_cap) (exactly what adding the (B, Hkv, T) sums to those rows does: they are 0 past it; the
+ * sums are taken in place in each group's first row of probs). part: (B * Hkv * splits * G * (D + 2))
+ * float32 scratch. Float32 throughout; the output is rounded once. An empty head outputs zeros. */
 void kv_decode_attention(const void *q, int64_t q_stride, const void *k_pool, const void *v_pool,
                          const int32_t *table, const int32_t *lengths, const float *bias, void *out, float *probs,
                          float *colsum, const int64_t *cs_rows, int64_t cs_cap, float *part, int64_t B, int64_t Hq,

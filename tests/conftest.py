@@ -59,13 +59,16 @@ def tiny_config(arch: str, layers: int = 3):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, seed: int = 0, layers: int = 3):
+def tiny_model(arch: str, seed: int = 0, layers: int = 3, rope: dict | None = None):
+    """A tiny random model of `arch`; `rope`: the config's rope_parameters instead of the default RoPE."""
     from transformers import AutoModelForCausalLM
 
     from kvchat.model import LoadedModel, describe
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, layers)
+    if rope is not None:
+        cfg.rope_parameters = rope
     cfg._attn_implementation = "sdpa"
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # random init is too flat to tell tokens apart: sharpen it

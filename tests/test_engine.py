@@ -8,7 +8,7 @@ import torch
 from conftest import ARCHS, tiny_model
 from kvchat.cache import KVStore
 from kvchat.engine import Engine, Request, SamplingParams
-from kvchat.engine.forward import Runner
+from kvchat.engine.forward import Runner, signed_sin
 from kvchat.errors import PromptTooLong
 from kvchat.profiles import Profile
 
@@ -163,3 +163,34 @@ def test_bfloat16_prefill_on_the_native_causal_kernel_is_as_close_to_float32_as_
         assert not calls
     err_native, err_torch = (native - want).abs().max().item(), (torch_path - want).abs().max().item()
     assert err_native <= 2 * err_torch, (err_native, err_torch)  # here: 0.010 against 0.008
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_are_the_rotarys_rows_bit_for_bit(dtype):
+    """The cached cos/sin tables give what a call of the model's rotary gives at those positions, past
+    the first table's end too (it grows)."""
+    lm = tiny_model("llama")
+    runner = Runner(lm)
+    assert runner._rope_static
+    x = torch.empty(3, lm.desc.hidden, dtype=dtype)
+    for pos in (torch.tensor([0, 1, 4095]), torch.tensor([9000, 17, 4096, 20001]), torch.arange(5000, 5040)):
+        cos, sin = runner._rope_tables(x, pos)
+        got = runner._rope_signed(x, pos)
+        assert torch.equal(got[0], cos) and torch.equal(got[1], signed_sin(sin))
+    assert runner._rope_cache[dtype][0].shape[0] >= 20002
+
+
+def test_a_dynamic_rope_is_not_cached_and_still_matches_hf():
+    """HF's dynamic RoPE may change its frequencies with the sequence length: computed every call, and
+    the loop still gives HF's logits."""
+    lm = tiny_model("llama", rope={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    runner = Runner(lm)
+    assert not runner._rope_static
+    ids = torch.randint(0, lm.desc.vocab, (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = hf_logits(lm, ids)
+    store = KVStore(lm.desc, n_slots=1, block_size=16)
+    got = [runner.prefill(store, 0, torch.tensor(ids[:21]), torch.arange(21))]
+    for i in range(21, 30):
+        got.append(runner.decode(store, [0], torch.tensor([0]), torch.tensor([ids[i]]), torch.tensor([i]))[0])
+    assert (torch.stack(got) - ref[20:]).abs().max().item() < 1e-4
+    assert not runner._rope_cache

@@ -17,6 +17,8 @@ from kvchat.cache.stats import StepStats, add_colsum
 from kvchat.engine.weights import LayerWeights, Norm, Weights
 from kvchat.methods.base import DecodeCtx, PrefillCtx
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose frequencies are fixed at load
+
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (N, H, D); cos/sin (N, 1, D): HF's rotate-half RoPE."""
@@ -56,6 +58,9 @@ class Runner:
         self.desc = d = lm.desc
         self.embed = hf.model.embed_tokens
         self.rotary = hf.model.rotary_emb
+        # Frequencies that never follow the sequence length (HF's dynamic and longrope types do): tables cacheable.
+        self._rope_static = getattr(self.rotary, "rope_type", None) in STATIC_ROPE
+        self._rope_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self.norm = Norm(hf.model.norm)
         # Fused and laid out for the GEMMs this runner will mostly do (kvchat/engine/weights.py).
         self.weights = Weights.of(lm, max_slots)
@@ -144,9 +149,20 @@ class Runner:
         return cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, D)
 
     def _rope_signed(self, x, positions):
-        """-> cos, signed sin (N, 1, D) for `rope_rolled`: computed once a forward, shared by every layer."""
-        cos, sin = self._rope_tables(x, positions)
-        return cos, signed_sin(sin)
+        """-> cos, signed sin (N, 1, D) for `rope_rolled`: computed once a forward, shared by every layer.
+        Rows of tables built once per dtype where the rotary's frequencies are fixed at load (`_rope_static`):
+        its values are elementwise in the position, so a row is bit for bit what a call at that position
+        gives, for ~10 us a step instead of ~10 small ops (0.2-0.4 ms a decode step)."""
+        if not self._rope_static or positions.numel() == 0:
+            cos, sin = self._rope_tables(x, positions)
+            return cos, signed_sin(sin)
+        tables = self._rope_cache.get(x.dtype)
+        top = int(positions.max()) + 1
+        if tables is None or top > tables[0].shape[0]:
+            n = max(top, 4096, 0 if tables is None else 2 * tables[0].shape[0])
+            cos, sin = self._rope_tables(x[:0], torch.arange(n, device=x.device))
+            self._rope_cache[x.dtype] = tables = (cos, signed_sin(sin))
+        return tables[0].index_select(0, positions), tables[1].index_select(0, positions)
 
     def rotate(self, k: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Keys k (N, D) rotated at positions `old` -> the same keys at positions `new`. RoPE rotations

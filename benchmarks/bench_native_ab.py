@@ -61,7 +61,8 @@ def sources_at(rev: str | None, into: Path) -> list[Path]:
     return out
 
 
-def build(rev: str | None, tmp: Path, name: str) -> ctypes.CDLL:
+def build(rev: str | None, tmp: Path, name: str, fallback: ctypes.CDLL | None = None) -> ctypes.CDLL:
+    """REV's C sources (None: this checkout's) built and bound; functions REV's lack come from `fallback`."""
     files = sources_at(rev, tmp / name)
     so = tmp / f"{name}.so"
     cc = cpu._compiler()
@@ -71,7 +72,7 @@ def build(rev: str | None, tmp: Path, name: str) -> ctypes.CDLL:
                           "-lm"], capture_output=True, text=True, cwd=tmp / name, timeout=300)
     if res.returncode != 0:
         raise SystemExit(f"bench_native_ab: building {name} failed: {res.stderr.strip()[-400:]}")
-    return cpu.bind(ctypes.CDLL(str(so)))
+    return cpu.bind(ctypes.CDLL(str(so)), fallback)
 
 
 def main() -> int:
@@ -89,7 +90,8 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="kvchat-ab-") as d:
-        libs = {"A": build(a.rev, Path(d), "A"), "B": build(None, Path(d), "B")}
+        libs = {"B": build(None, Path(d), "B")}
+        libs["A"] = build(a.rev, Path(d), "A", libs["B"])
         lm = load_model(device="cpu", dtype=a.dtype)  # weights laid out by this checkout's library
         lm.eos_ids = frozenset()  # exactly --steps tokens
         current = ["B"]

@@ -59,6 +59,7 @@ _SIGNATURES = {
     "kv_paged_max_cosine_scratch": ([_I, _I, _I, _I, ctypes.c_int], _I),
     "kv_paged_max_cosine": ([_P, _P] + [_I] * 6 + [_P] * 5 + [ctypes.c_int], None),
     "kv_merge_compact": ([_P, _P, _I, _P] + [_I] * 6 + [_P] * 4 + [_F, _P, _P, ctypes.c_int], None),
+    "kv_same_rows": ([_P, _P] + [_I] * 5, ctypes.c_int32),
 }
 _why_not = ""
 _warned = False
@@ -90,9 +91,13 @@ def build_flags() -> list[str]:
     return ["-O3", f"-march={march}", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 
 
-def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """A loaded library's functions typed as this module calls them."""
+def bind(lib: ctypes.CDLL, fallback: ctypes.CDLL | None = None) -> ctypes.CDLL:
+    """A loaded library's functions typed as this module calls them; with `fallback` (a bound library), a
+    function `lib` lacks (an older build's) is taken from it."""
     for name, (args, res) in _SIGNATURES.items():
+        if fallback is not None and not hasattr(lib, name):
+            setattr(lib, name, getattr(fallback, name))
+            continue
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     lib.kv_set_amx(int(os.environ.get("KVCHAT_AMX", "1") != "0"))

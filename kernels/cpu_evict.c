@@ -97,3 +97,17 @@ void kv_merge_compact(void **pools, const int64_t *row_bytes, int64_t n_pools, c
         }
     }
 }
+
+/* 1 when the first n rows of every head h > 0 of a slot hold head 0's bytes, else 0: pool (n_blocks, bs, rb
+ * bytes a row) read through the slot's table (H, MB). A block's rows are contiguous, so a block is one compare.
+ * D2O and the other per-layer policies ask it of the positions pool before scoring a layer's heads together. */
+int32_t kv_same_rows(const void *pool, const int32_t *table, int64_t MB, int64_t bs, int64_t rb, int64_t H, int64_t n) {
+    for (int64_t h = 1; h < H; h++)
+        for (int64_t i = 0; i < n; i += bs) {
+            const int64_t m = n - i < bs ? n - i : bs;
+            if (memcmp(row_at((void *)pool, table, MB, bs, rb, h, i), row_at((void *)pool, table, MB, bs, rb, 0, i),
+                       (size_t)(m * rb)) != 0)
+                return 0;
+        }
+    return 1;
+}

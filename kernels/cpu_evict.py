@@ -8,6 +8,8 @@ in two native calls instead of ~50 torch ops and three copies of the layer's tok
         every evicted token j of head h with w[h, j] > 0 merges into kept token into[h, j]:
         kept <- (self_w x kept + sum w_j x ev_j) / (self_w + sum w_j), keys and values (pools[0], pools[1]);
         then each head's kept tokens move to its first storage indices in every pool
+    same_rows(pool, table, n)
+        whether every head's first n rows hold head 0's bytes (the heads hold the same positions)
 
 The references are the torch path of kvchat/methods/d2o.py (`max_similarity` on gathered rows,
 `merge_rows`, the store's compaction): tests/test_d2o_native.py runs both on the same store and asks for
@@ -75,3 +77,14 @@ def merge_compact(pools: list[torch.Tensor], table: torch.Tensor, keep: torch.Te
                                 None if w is None else w.data_ptr(), 0.0 if per_head else self_w,
                                 None if self_ws is None else self_ws.data_ptr(), scratch.data_ptr(),
                                 cpu._DTYPES[pools[0].dtype])
+
+
+def same_rows(pool: torch.Tensor, table: torch.Tensor, n: int) -> bool:
+    """pool (n_blocks, bs, ...) contiguous CPU; table (H, MB) int32, a slot's block table -> whether the first n
+    rows of every head are head 0's, byte for byte (for integer pools: equal values). One native call
+    instead of a gather of every head's rows and a comparison (~0.2 ms of each D2O eviction)."""
+    assert pool.is_contiguous() and table.dtype == torch.int32 and n <= table.shape[1] * pool.shape[1]
+    table = table.contiguous()
+    rb = pool[0, 0].numel() * pool.element_size()
+    return bool(cpu._lib().kv_same_rows(pool.data_ptr(), table.data_ptr(), table.shape[1], pool.shape[1], rb,
+                                        table.shape[0], n))

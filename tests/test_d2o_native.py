@@ -100,6 +100,24 @@ def test_merge_compact_without_merges_is_the_stores_compaction():
         assert torch.equal(a.pools[name], b.pools[name]), name
 
 
+@pytest.mark.parametrize("n", [1, 8, 37, 200])  # within a block, one whole block, partial last block, many
+def test_same_rows_is_the_heads_positions_compared(n):
+    """`same_rows` against reading every head and comparing: equal heads, then one row changed in each place
+    a compare could miss (the first row, a block's last, the slot's last, a row past n that must not count)."""
+    pp = paged(3, n + 5, 64, torch.float32, seed=n)
+    pos, table = pp.pools["pos"], pp.table[1]
+
+    def want():
+        return bool((heads(pp, 1)["pos"][:, :n] == heads(pp, 1)["pos"][:1, :n]).all())
+
+    assert want() and cpu_evict.same_rows(pos, table, n)
+    for h, i in [(1, 0), (2, min(7, n - 1)), (2, n - 1), (1, n)]:
+        blk, off = int(table[h, i // pp.bs]), i % pp.bs
+        pos[blk, off] += 1
+        assert cpu_evict.same_rows(pos, table, n) == want() == (i >= n), (h, i)
+        pos[blk, off] -= 1
+
+
 def generate(lm, method, native, monkeypatch, n=60):
     """Two slots of different prompts decode n tokens; -> (tokens, the store's layers, thresholds, native calls)."""
     calls = []

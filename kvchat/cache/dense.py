@@ -92,6 +92,8 @@ class DenseFormat(Format):
         lens = self.host[slot]
         if any(n != lens[0] for n in lens):
             return False
+        if self.native_evict:  # one native compare of the heads' position rows
+            return cpu_evict.same_rows(self.pages.pools["pos"], self.pages.table[slot], lens[0])
         pos = self.pages.read_heads(slot, names=("pos",))["pos"]  # (H, n): one gather of the slot's blocks
         return bool((pos == pos[:1]).all())
 

@@ -275,15 +275,23 @@ class D2O(Method):
         return None if state is None or state.n[layer] is None else list(state.n[layer])
 
     # ---- eviction ----------------------------------------------------------------------------------
-    def keep_indices(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        """scores (n,) -> sorted kept indices: sinks, the top scorers among old tokens, the recent ones."""
+    def keep_mask(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """scores (n,) -> (n,) bool, True where a token stays: sinks, the top scorers among old tokens, the
+        recent ones."""
         n = scores.shape[0]
         rec = min(int(budget * self.recent_share), n)
         hh = max(budget - rec, 0)
-        old = neighbour_max(scores[: n - rec].clone().float(), self.pool)
+        old = scores[: n - rec].float()
+        old = neighbour_max(old, self.pool) if self.pool > 1 else old.clone()  # a copy: the sinks are set in it
         old[: self.sink] = float("inf")
-        top = torch.topk(old, min(hh, old.shape[0])).indices.sort().values
-        return torch.cat([top, torch.arange(n - rec, n)])
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.topk(old, min(hh, old.shape[0])).indices] = True
+        mask[n - rec :] = True
+        return mask
+
+    def keep_indices(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """scores (n,) -> sorted kept indices (`keep_mask`'s)."""
+        return self.keep_mask(scores, budget).nonzero().squeeze(1)
 
     def _keeps(self, scores: torch.Tensor, lens: list[int], budget: int, same: bool) -> list[torch.Tensor]:
         """Sorted kept indices per KV head; `heads: layer` scores once for the layer when its heads hold
@@ -349,16 +357,17 @@ class D2O(Method):
         the similarities in one call, the merges and the compaction in another, in place. The same tokens,
         threshold and bytes as the torch path above (tests/test_d2o_native.py), without its copies of the
         layer: every head keeps `budget` tokens and drops n - budget."""
-        same = self.heads == "layer" and same_tokens(store, layer, slot)
-        keeps = self._keeps(self._row(layer, slot, 0), lens, budget, same)
-        keep = torch.stack(keeps)  # (H, C)
-        H, n = keep.shape[0], lens[0]
-        gone = torch.ones(H, n, dtype=torch.bool).scatter_(1, keep, False).nonzero()[:, 1].view(H, -1)
+        H, n, row = len(lens), lens[0], self._row(layer, slot, 0)
+        if self.heads == "layer" and same_tokens(store, layer, slot):
+            mask = self.keep_mask(row[:, :n].sum(0), budget).expand(H, n)  # every head keeps one set
+        else:
+            mask = torch.stack([self.keep_mask(row[h, :n], budget) for h in range(H)])
+        keep, gone = mask.nonzero()[:, 1].view(H, -1), (~mask).nonzero()[:, 1].view(H, -1)  # (H, C), (H, E) sorted
         best, into = store.similar(layer, slot, keep, gone)
         sim = best.mean(-1).mean().item()
         tau = state.tau[layer]
         state.tau[layer] = tau = sim if tau is None else (1 - self.tau_ema) * tau + self.tau_ema * sim
-        # The weights exp(u) of the tokens that merge (u >= tau), taken as the torch path takes them.
-        src = (best >= tau).view(-1).nonzero().squeeze(1)
-        w = torch.zeros(best.numel()).index_put_((src,), torch.exp(best.view(-1)[src])).view_as(best)
-        store.compact(layer, slot, keeps, Merge(gone, into, w, math.e))
+        # The weights exp(u) of the tokens that merge (u >= tau), 0 for the others: elementwise, so the same
+        # values as the torch path's exp of the merging tokens alone, in two ops.
+        w = best.exp().masked_fill_(best < tau, 0.0)
+        store.compact(layer, slot, list(keep), Merge(gone, into, w, math.e))

@@ -63,11 +63,6 @@ class DenseFormat(Format):
             vals["bias"] = torch.zeros((), device=self.device).expand(B, self.n_kv)
         self.pages.append_step(slots, slots_t, vals)
 
-    def step_rows(self, slots: list[int]) -> list[int]:
-        """`append_step`'s bookkeeping without the values (kernels/cpu_layer.c writes them): the flat pool
-        row of each (slot, KV head) new token."""
-        return self.pages.step_rows(slots)
-
     def read(self, slot: int, head: int, idx: torch.Tensor | None = None) -> Tokens:
         r = self.pages.read(slot, head, idx)
         return Tokens(r["k"].to(self.dtype), r["v"].to(self.dtype), r["pos"], r.get("bias"))

@@ -329,15 +329,16 @@ class Runner:
         read_later = set(store.aliases.values())  # layers whose store a later layer reads
         while li < n and store.layers[li].native_layer:
             fmt, owns = store.layers[li], store.owns(li)
-            rows = None
-            if owns:
+            if owns:  # the append's rows and the tables after it, in one pass
                 self.stats["kv_projections"] += B
-                rows = cpu.rows_array(fmt.step_rows(slots))
+                rows, table, lengths, mx, mn = fmt.pages.step(slots, slots_t)
+                rows = cpu.rows_array(rows)
                 for m in methods:
                     m.on_append(li, slots, 1)
+            else:
+                rows, (table, lengths, mx, mn) = None, fmt.pages.step_tables(slots, slots_t)
             want, into = self._colsum_plan(li)
             direct = into[0] if len(into) == 1 else None  # the kernel adds into the one buffer that takes them
-            table, lengths, mx, mn = fmt.pages.step_tables(slots, slots_t)
             f = self._layer_call(li, owns)
             colsum = f.prepare(B, cos, sin_s, fmt.k, fmt.v, fmt.pages.pools["pos"], fmt.bias, rows, pos32, table,
                                lengths, mx, mn, self.scale, want, direct, slots_t)
@@ -347,8 +348,9 @@ class Runner:
             if methods and (li - 1 in read_later or any(m.decode_barrier(li - 1) for m in methods)):
                 break
         cpu_layer.run(run, x, h, self._scratch)
-        for layer, colsum, into, *_ in keep:
-            self._step_stats(store, layer, slots, colsum, into)
-        for layer, *_ in keep:
-            self._after_step_layer(store, layer, slots)
+        if methods:  # the statistics are the methods' (no method: no column sums, nobody reads them)
+            for layer, colsum, into, *_ in keep:
+                self._step_stats(store, layer, slots, colsum, into)
+            for layer, *_ in keep:
+                self._after_step_layer(store, layer, slots)
         return li

@@ -155,9 +155,10 @@ class Engine(Forcing):
         self.store.stats = {}
         self.store.trim()  # give back the blocks the chunk took
 
-    def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None) -> None:
+    def _accept(self, seq: Seq, logits: torch.Tensor, on_token: TokenCallback | None, tok: int | None = None) -> None:
+        """Take `seq`'s next token (`tok`, or sampled from `logits`), then stop or go on."""
         p = seq.req.params
-        tok = sample(logits, p, seq.gen)
+        tok = sample(logits, p, seq.gen) if tok is None else tok
         if seq.trace is not None:
             top = torch.log_softmax(logits.float(), dim=-1).topk(min(seq.req.logprobs, logits.shape[-1]))
             seq.trace.append((tok, top.values, top.indices.to(torch.int32)))
@@ -236,8 +237,11 @@ class Engine(Forcing):
     def step(self, seqs: list[Seq], on_token: TokenCallback | None = None) -> None:
         """One decode step for every live sequence in `seqs`."""
         logits = self.feed(seqs, [s.last for s in seqs])
+        # Every greedy sequence's token from one argmax over the batch (per row: the same first maximum).
+        greedy = [s.req.params.temperature <= 0 for s in seqs]
+        best = torch.argmax(logits, -1).tolist() if any(greedy) else None
         for i, s in enumerate(seqs):
-            self._accept(s, logits[i], on_token)
+            self._accept(s, logits[i], on_token, best[i] if greedy[i] else None)
 
     def usage(self, slot: int) -> Usage:
         """KV bytes of the sequence in `slot`: the one way callers read memory figures."""

@@ -36,7 +36,7 @@ class PagedPools:
         self.table = torch.zeros(n_slots, n_heads, 1, dtype=torch.int32, device=device)
         self._lengths = torch.zeros(n_slots, n_heads, dtype=torch.int32, device=device)
         self._stale = False  # the host lengths changed since _lengths was built
-        self._view = (None, 0, self.table[:0])  # (table, s0, its rows s0..): `_tables`' last view
+        self._views: dict[str, tuple] = {}  # `_run_view`'s: name -> (tensor, s0, its rows from s0)
         self.host = [[0] * n_heads for _ in range(n_slots)]
         self.blocks = [[[] for _ in range(n_heads)] for _ in range(n_slots)]  # host mirror of `table`
         self.free: list[int] = list(range(init_blocks - 1, -1, -1))
@@ -241,16 +241,19 @@ class PagedPools:
 
     def _tables(self, slots: list[int], slots_t: torch.Tensor, mx: int, mn: int):
         s0, B = slots[0], len(slots)
-        if slots == list(range(s0, s0 + B)):  # a view, kept while the table and the run stay
-            view = self._view
-            if view[0] is not self.table or view[1] != s0 or view[2].shape[0] != B:
-                view = self._view = (self.table, s0, self.table[s0 : s0 + B])
-            table = view[2]
-        else:
-            table = self.table[slots_t]
+        run = slots == list(range(s0, s0 + B))
+        table = self._run_view("table", self.table, s0, B) if run else self.table[slots_t]
         if mx == mn and self.impl != "triton":
             return table, None, mx, mn
-        return table, self.lengths[s0 : s0 + B] if table is self._view[2] else self.lengths[slots_t], mx, mn
+        return table, self._run_view("lengths", self.lengths, s0, B) if run else self.lengths[slots_t], mx, mn
+
+    def _run_view(self, name: str, t: torch.Tensor, s0: int, B: int) -> torch.Tensor:
+        """t[s0 : s0 + B], the view kept while t (not rebuilt or widened since) and the run stay: every layer
+        of every decode step asks for it."""
+        v = self._views.get(name)
+        if v is None or v[0] is not t or v[1] != s0 or v[2].shape[0] != B:
+            v = self._views[name] = (t, s0, t[s0 : s0 + B])
+        return v[2]
 
     def locate(self, slot: int, head: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage order indices of one (slot, head) -> (block ids, offsets)."""

@@ -126,6 +126,7 @@ class _SlotState:
     n: list = field(default_factory=list)  # per layer: tokens scored per head (follows the store's lengths), None = not scored
     sigma: list = field(default_factory=list)  # per layer density of the last prefill chunk
     tau: list = field(default_factory=list)  # per layer merge threshold, None until the first eviction
+    limit: list = field(default_factory=list)  # per layer the length at which decode evicts, None = never
 
 
 @dataclass
@@ -162,6 +163,7 @@ class D2O(Method):
         # Per layer, every slot's accumulated attention in one buffer (n_slots, H_kv, cap), 0 past each head's
         # length: a decode step adds the step's column sums for all its slots in one op.
         self._scores: dict[int, torch.Tensor] = {}
+        self._due: dict[int, set[int]] = {}  # layer -> slots whose append reached the limit (`on_append`)
 
     @classmethod
     def keep_all(cls) -> "D2O":
@@ -177,7 +179,7 @@ class D2O(Method):
     def after_prefill_layer(self, ctx: PrefillCtx):
         L = self.desc.n_layers
         if ctx.layer == 0 and (not any(ctx.chunk_start) or ctx.slot not in self._slots):
-            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [0.0] * L, [None] * L)
+            self._slots[ctx.slot] = _SlotState([None] * L, [None] * L, [0.0] * L, [None] * L, [None] * L)
         state = self._slots[ctx.slot]
         lens = list(ctx.store.lengths(ctx.layer, ctx.slot))
         n = max(lens)
@@ -208,6 +210,8 @@ class D2O(Method):
         state = self._slots[slot]
         state.budgets = layer_budgets(state.sigma, store.seen[slot], self.ratio, self.min_budget, self.edges,
                                       self.dynamic)
+        # Amortized: decode lets `slack` pile up, then evicts it in one compaction.
+        state.limit = [None if b is None else b + max(store.block_size, int(self.slack * b)) for b in state.budgets]
         for layer, budget in enumerate(state.budgets):
             if budget is None:  # never compressed: no scores to keep up to date
                 state.n[layer] = None
@@ -229,7 +233,11 @@ class D2O(Method):
             state = self._slots.get(slot)
             if state is not None and state.n[layer] is not None:
                 lens = state.n[layer] = [k + n for k in state.n[layer]]
-                top = max(top, *lens)
+                most = max(lens)
+                top = max(top, most)
+                limit = state.limit[layer]
+                if limit is not None and most >= limit:  # `after_decode_layer` evicts it
+                    self._due.setdefault(layer, set()).add(slot)
         if top and top > self._scores[layer].shape[2]:  # scored slots made the buffer at prefill
             self._row(layer, slots[0], top)  # grown for every slot; new tokens start at 0
 
@@ -238,18 +246,16 @@ class D2O(Method):
 
     def after_decode_layer(self, ctx) -> None:
         layer = ctx.layer
-        if not self.decode_colsum(layer) or not ctx.store.owns(layer):
+        due = self._due.pop(layer, None)  # most steps: no slot reached its limit on this layer
+        if due is None or not self.decode_colsum(layer) or not ctx.store.owns(layer):
             return
         # The step's column sums are in the scores already (`decode_colsum_into`).
-        bs = ctx.store.block_size
         for slot in ctx.slots:
             state = self._slots.get(slot)
-            if state is None or state.n[layer] is None:
+            if slot not in due or state is None or state.n[layer] is None:
                 continue
-            # Amortized: let `slack` pile up, then evict it in one compaction.
-            budget = state.budgets[layer]
-            if max(state.n[layer]) >= budget + max(bs, int(self.slack * budget)):
-                self._evict(ctx.store, slot, layer, state, budget)
+            if max(state.n[layer]) >= state.limit[layer]:  # a prefill's append may have put it here: asked again
+                self._evict(ctx.store, slot, layer, state, state.budgets[layer])
 
     # ---- per-token state follows every compaction --------------------------------------------------
     def on_compact(self, layer, slot, keep, before) -> None:
@@ -269,6 +275,8 @@ class D2O(Method):
 
     def on_free(self, slot: int) -> None:
         self._slots.pop(slot, None)
+        for due in self._due.values():
+            due.discard(slot)
 
     def state_lengths(self, layer: int, slot: int) -> list[int] | None:
         state = self._slots.get(slot)

@@ -24,11 +24,18 @@
 #include <unistd.h>
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define KV_LINEAR_AVX2 1
+#endif
+
 int kv_fast_linear(int dt) {
 #if defined(__AVX512BF16__)
     return 1;
 #elif defined(__AVX512F__)
     return dt == 0;
+#elif defined(KV_LINEAR_AVX2)
+    (void)dt;
+    return 1; /* bfloat16 too: its rows widened to float32 in registers, half the bytes of float32 to read */
 #else
     (void)dt;
     return 0;
@@ -84,6 +91,59 @@ static inline __attribute__((always_inline)) void linear_rows_bf16(const bf16 *x
 }
 #endif
 
+#ifdef KV_LINEAR_AVX2
+/* AVX2 + FMA (CPUs without AVX-512: AMD Zen 2/3, Intel before Skylake-X and its client parts): 8 lanes, two
+ * accumulators a row for up to 4 rows (the FMA's latency would bound one), one past that (16 registers). A
+ * bfloat16 value widens to float32 exactly (a shift), so both dtypes compute in float32; bfloat16 reads half
+ * the weight bytes and rounds the output as the AVX512-BF16 path does. */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline __m256 ld8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 ld8_bf16(const bf16 *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline float tof_f32(float v) { return v; }
+static inline float tof_bf16(bf16 v) { return bf2f(v); }
+static inline float out_f32(float v) { return v; }
+static inline bf16 out_bf16(float v) { return f2bf(v); }
+
+#define KV_AVX2_ROWS(NAME, T, SUF)                                                                                  \
+    static inline __attribute__((always_inline)) void NAME(const T *x, const T *w, const T *bias, T *y,             \
+                                                           const int64_t M, int64_t N, int64_t K, int64_t n0,     \
+                                                           int64_t n1) {                                            \
+        for (int64_t n = n0; n < n1; n++) {                                                                         \
+            const T *wr = w + n * K;                                                                                \
+            __m256 a0[16], a1[16];                                                                                  \
+            for (int64_t m = 0; m < M; m++) a0[m] = a1[m] = _mm256_setzero_ps();                                    \
+            int64_t k = 0;                                                                                          \
+            if (M <= 4) {                                                                                           \
+                for (; k + 16 <= K; k += 16) {                                                                      \
+                    __m256 w0 = ld8_##SUF(wr + k), w1 = ld8_##SUF(wr + k + 8);                                      \
+                    for (int64_t m = 0; m < M; m++) {                                                               \
+                        a0[m] = _mm256_fmadd_ps(ld8_##SUF(x + m * K + k), w0, a0[m]);                               \
+                        a1[m] = _mm256_fmadd_ps(ld8_##SUF(x + m * K + k + 8), w1, a1[m]);                           \
+                    }                                                                                               \
+                }                                                                                                   \
+            }                                                                                                       \
+            for (; k + 8 <= K; k += 8) {                                                                            \
+                __m256 w0 = ld8_##SUF(wr + k);                                                                      \
+                for (int64_t m = 0; m < M; m++) a0[m] = _mm256_fmadd_ps(ld8_##SUF(x + m * K + k), w0, a0[m]);       \
+            }                                                                                                       \
+            for (int64_t m = 0; m < M; m++) {                                                                       \
+                float s = hsum8(_mm256_add_ps(a0[m], a1[m]));                                                       \
+                for (int64_t j = k; j < K; j++) s += tof_##SUF(x[m * K + j]) * tof_##SUF(wr[j]);                    \
+                y[m * N + n] = out_##SUF(s + (bias ? tof_##SUF(bias[n]) : 0.f));                                    \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+KV_AVX2_ROWS(linear_rows_f32, float, f32)
+KV_AVX2_ROWS(linear_rows_bf16, bf16, bf16)
+#undef KV_AVX2_ROWS
+#endif
+
 #ifdef _OPENMP
 extern int omp_get_num_threads(void), omp_get_thread_num(void);
 #else
@@ -97,7 +157,7 @@ static void linear_share(const void *x, const void *w, const void *bias, void *y
     int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt;
 #define KV_ROWS(fn, T, m) fn((const T *)x, (const T *)w, (const T *)bias, (T *)y, m, N, K, n0, n1)
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(KV_LINEAR_AVX2)
     if (dt == 1) {
         switch (M) {
         case 1: KV_ROWS(linear_rows_bf16, bf16, 1); break;
@@ -109,7 +169,7 @@ static void linear_share(const void *x, const void *w, const void *bias, void *y
         }
     }
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(KV_LINEAR_AVX2)
     if (dt == 0) {
         switch (M) {
         case 1: KV_ROWS(linear_rows_f32, float, 1); break;

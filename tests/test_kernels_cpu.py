@@ -329,17 +329,21 @@ def test_max_cosine_takes_only_what_it_computes():
 
 
 def test_the_portable_paths_built_for_avx2_match_the_references_too(tmp_path):
-    """This machine compiles the AVX-512 paths; the ones other CPUs run (plain C the compiler vectorizes)
-    are built here for x86-64-v3 (AVX2) and run this file's op tests (the matmul stays torch's there)."""
+    """This machine compiles the AVX-512 paths; the ones other CPUs run (cpu_linear.c's AVX2 + FMA matmul in
+    both dtypes, plain C the compiler vectorizes elsewhere) are built here for x86-64-v3 (AVX2) and run this
+    file's op tests and the fused decode layer's."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = dict(os.environ, KVCHAT_NATIVE_MARCH="x86-64-v3", KVCHAT_HOME=str(tmp_path))
-    probe = "import torch; from kvchat_kernels import cpu; print(cpu.enabled(), cpu.linear_ok(torch.float32))"
+    probe = ("import torch; from kvchat_kernels import cpu; "
+             "print(cpu.enabled(), cpu.linear_ok(torch.float32), cpu.linear_ok(torch.bfloat16), cpu.amx())")
     res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    assert res.stdout.split() == ["True", "False"], res.stdout + res.stderr
+    assert res.stdout.split() == ["True", "True", "True", "False"], res.stdout + res.stderr
+    here = Path(__file__).parent
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "not linear and not portable and not compiler"],
+                          str(here / "test_decode_layer.py"), "-k", "not portable and not compiler"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-2000:]

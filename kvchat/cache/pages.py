@@ -112,45 +112,38 @@ class PagedPools:
             pad = torch.zeros(self.n_slots, self.n_heads, extra, dtype=torch.int32, device=self.device)
             self.table = torch.cat([self.table, pad], dim=2)
 
-    def _alloc(self, n: int) -> list[int]:
-        if len(self.free) < n:
-            self._grow(n - len(self.free))
-        return [self.free.pop() for _ in range(n)]
-
     def reserve(self, slot: int, new_lengths: list[int]) -> None:
         """Make sure each head of `slot` has blocks for `new_lengths[h]` tokens."""
         have = [-(-n // self.bs) for n in self.host[slot]]
         want = [-(-n // self.bs) for n in new_lengths]
-        self._widen(max(want))
         missing = sum(max(0, w - h) for w, h in zip(want, have))
         if missing == 0:
             return
-        ids = iter(self._alloc(missing))
-        table = self.table.numpy() if self.on_cpu else None  # a view: no tensor op a block
+        self._widen(max(want))  # room for every new block first: one widening, one growth
+        if len(self.free) < missing:
+            self._grow(missing - len(self.free))
         for h, (w, hv) in enumerate(zip(want, have)):
             if w > hv:
-                new = [next(ids) for _ in range(w - hv)]
-                self.blocks[slot][h].extend(new)
-                if table is not None:
-                    table[slot, h, hv:w] = new
-                else:
-                    self.table[slot, h, hv:w] = torch.tensor(new, dtype=torch.int32)
-        self.slot_blocks[slot] += missing
+                self._place(slot, h, hv, [self.free.pop() for _ in range(w - hv)])
 
     def _take_block(self, slot: int, head: int, j: int) -> None:
-        """A free block becomes (slot, head)'s j-th, its next: `reserve` of one block, for a decode step's
-        append (~1 us against ~20)."""
+        """A free block becomes (slot, head)'s j-th, its next: a decode step's append when a head's last
+        block is full (`reserve` of one block without its list arithmetic: ~1 us against ~20)."""
         if j >= self.table.shape[2]:
             self._widen(j + 1)
         if not self.free:
             self._grow(1)
-        b = self.free.pop()
-        self.blocks[slot][head].append(b)
+        self._place(slot, head, j, [self.free.pop()])
+
+    def _place(self, slot: int, head: int, j: int, ids: list[int]) -> None:
+        """Blocks `ids` (popped from the free list's end: a freed run comes back in ascending order, see
+        `_release`) become (slot, head)'s j-th on, in the host mirror and the table (room made already)."""
+        self.blocks[slot][head].extend(ids)
         if self.on_cpu:
-            self.table.numpy()[slot, head, j] = b  # a view: no tensor op
+            self.table.numpy()[slot, head, j : j + len(ids)] = ids  # a view: no tensor op
         else:
-            self.table[slot, head, j] = b
-        self.slot_blocks[slot] += 1
+            self.table[slot, head, j : j + len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        self.slot_blocks[slot] += len(ids)
 
     def _set_length(self, slot: int, head: int, n: int) -> None:
         self.host[slot][head] = n
@@ -330,7 +323,7 @@ class PagedPools:
     def _release(self, slot: int, head: int, n: int, n_old: int) -> None:
         have, want = -(-n_old // self.bs), -(-n // self.bs)
         if want < have:
-            # reversed: `_alloc` pops from the end, so a freed run is handed out again in ascending order (the
+            # reversed: `_take_block` pops from the end, so a freed run is handed out again in ascending order (the
             # attention kernel reads a head's blocks at twice the speed when they ascend: the prefetchers follow)
             self.free.extend(reversed(self.blocks[slot][head][want:have]))
             del self.blocks[slot][head][want:]
